@@ -273,3 +273,20 @@ def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def default_home() -> Path:
+    """Where ``gill`` keeps what it builds on first use: ``$GILL_HOME`` or ``~/.cache/gill``."""
+    import os
+
+    return Path(os.environ.get("GILL_HOME") or Path.home() / ".cache" / "gill")
+
+
+def ensure_tiny_checkpoint(directory: Path | None = None, seed: int = 0) -> Path:
+    """The tiny checkpoint, built on first use (a marker file guards against a half-built directory)."""
+    directory = directory or default_home() / f"tiny-seed{seed}"
+    marker = directory / ".complete"
+    if not marker.exists():
+        make_checkpoint(directory, seed=seed)
+        marker.write_text("built by gill make-tiny\n")
+    return directory

@@ -1,0 +1,28 @@
+# The README's two commands. Each sets itself up: a virtual environment in .venv, the project installed.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test install lint bench
+
+$(BIN)/gill: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(BIN)/gill
+
+# The main job on the embedded defaults: build the tiny checkpoint (first use) and run one dialogue turn
+# that streams text and writes an image to outputs/.
+demo: install
+	$(BIN)/gill run "show me a picture of a red circle" --gen-scale-factor 1000 --steps 20 --seed 1 --out outputs
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check gill tests bench
+
+bench: install
+	$(BIN)/python bench/kv_cache.py
