@@ -43,7 +43,8 @@ def check_adapter_state(state: dict[str, torch.Tensor], args: GILLArgs, source: 
     got = {k: tuple(v.shape) for k, v in state.items()}
     missing = sorted(set(expected) - set(got))
     unexpected = sorted(set(got) - set(expected))
-    wrong = [f"{k}: {got[k]} (expected {expected[k]})" for k in sorted(set(got) & set(expected)) if got[k] != expected[k]]
+    shared = sorted(set(got) & set(expected))
+    wrong = [f"{k}: {got[k]} (expected {expected[k]})" for k in shared if got[k] != expected[k]]
     if missing or unexpected or wrong:
         parts = []
         if missing:

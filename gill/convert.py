@@ -1,10 +1,11 @@
 """Convert the official GILL release files to safe formats, without running pickled code.
 
-| official file | contents | converted to |
-|---|---|---|
-| ``pretrained_ckpt.pth.tar`` | torch zip pickle ``{'state_dict': {key: bf16 tensor}}`` | ``gill_adapters.safetensors`` |
-| ``decision_model.pth.tar`` | torch zip pickle ``{'state_dict': {'1.weight', '1.bias'}}``, storages tagged ``cuda:0`` | ``decision_model.safetensors`` |
-| ``cc3m_embeddings_urls.npy`` | a plain pickle (not NumPy format) ``{'paths': [url], 'embeddings': [256-d]}`` | ``retrieval_embeddings.npz`` |
+- ``pretrained_ckpt.pth.tar``: torch zip pickle ``{'state_dict': {key: bf16 tensor}}``
+  -> ``gill_adapters.safetensors``
+- ``decision_model.pth.tar``: torch zip pickle ``{'state_dict': {'1.weight', '1.bias'}}``, storages tagged
+  ``cuda:0`` -> ``decision_model.safetensors``
+- ``cc3m_embeddings_urls.npy``: a plain pickle (not NumPy format) ``{'paths': [url], 'embeddings': [256-d]}``
+  -> ``retrieval_embeddings.npz``
 
 The torch files are read with ``torch.load(weights_only=True, map_location='cpu')``; the embeddings
 pickle with an unpickler that only rebuilds arrays, tensors, lists, dicts and strings. Anything else
@@ -42,7 +43,8 @@ def _torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise UnsafeFileError(f"{path}: refused, it needs code execution to load ({str(error).splitlines()[0]})") from error
+        reason = str(error).splitlines()[0]
+        raise UnsafeFileError(f"{path}: refused, it needs code execution to load ({reason})") from error
     except (RuntimeError, EOFError, zipfile.BadZipFile) as error:
         raise CheckpointError(f"{path}: unreadable torch checkpoint ({error})") from error
     if not isinstance(payload, dict) or not isinstance(payload.get("state_dict"), dict):
@@ -77,7 +79,8 @@ class _ArrayUnpickler(pickle.Unpickler):
         # numpy 1.x writes numpy.core.multiarray, numpy 2.x numpy._core.multiarray.
         if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name in ("_reconstruct", "scalar"):
             return getattr(np.core.multiarray, name)
-        raise UnsafeFileError(f"refused to load global {module}.{name}: only arrays, tensors and containers are allowed")
+        raise UnsafeFileError(
+            f"refused to load global {module}.{name}: only arrays, tensors and containers are allowed")
 
 
 def load_embeddings_pickle(path: Path) -> tuple[list[str], np.ndarray]:

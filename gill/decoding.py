@@ -226,17 +226,20 @@ def generate_without_cache(lm: PreTrainedModel, tokens: SpecialTokens, prompt: t
     generated: list[int] = []
     images: list[torch.Tensor] = []
     pending_image = False
-    decoder = lm.get_decoder()
+    def full_pass(sequence: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # As the reference: the whole LM over the whole sequence, logits and every layer's states kept.
+        output = lm(inputs_embeds=sequence, use_cache=False, output_hidden_states=True)
+        return output.logits[0, -1:].float(), output.hidden_states[-1][0]
+
     with torch.inference_mode():
         for step in range(options.max_new_tokens):
-            states = decoder(inputs_embeds=sequence, use_cache=False).last_hidden_state[0]
+            logits, states = full_pass(sequence)
             if pending_image:
                 images.append(states[-len(tokens.img):].clone())
                 pending_image = False
             rule.step = step
             rule.allowed_rows = torch.tensor([len(images) < options.max_images])
-            scores = rule(torch.zeros(1, 0, dtype=torch.long), lm.get_output_embeddings()(states[-1:]).float())
-            token = int(scores.argmax(dim=-1))
+            token = int(rule(torch.zeros(1, 0, dtype=torch.long), logits).argmax(dim=-1))
             if (options.stop_at_eos and token == tokens.eos) or (options.stop_at_newline and token == tokens.newline):
                 generated.append(token)
                 break
@@ -245,5 +248,5 @@ def generate_without_cache(lm: PreTrainedModel, tokens: SpecialTokens, prompt: t
             generated.extend(new_ids)
             sequence = torch.cat([sequence, embedding(torch.tensor([new_ids], device=sequence.device))], dim=1)
         if pending_image:  # the image's states exist only after one more pass, as in the reference
-            images.append(decoder(inputs_embeds=sequence, use_cache=False).last_hidden_state[0, -len(tokens.img):])
+            images.append(full_pass(sequence)[1][-len(tokens.img):])
     return generated, images

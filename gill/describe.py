@@ -78,7 +78,8 @@ def describe(config: str | Path) -> Description:
     rows = [
         ("visual_embeddings", f"Linear({vision_width} -> {args.n_visual_tokens} x {lm_width})",
          count_parameters(adapters.visual_embeddings), "trainable"),
-        ("visual_fc", f"Linear({vision_width} -> {args.ret_emb_dim})", count_parameters(adapters.visual_fc), "trainable"),
+        ("visual_fc", f"Linear({vision_width} -> {args.ret_emb_dim})", count_parameters(adapters.visual_fc),
+         "trainable"),
         ("ret_text_hidden_fcs.0", f"Linear({lm_width} -> {args.ret_emb_dim}) at [IMG0]",
          count_parameters(adapters.ret_text_hidden_fcs), "trainable"),
         ("gen_text_hidden_fcs.0 (GILLMapper)",

@@ -73,7 +73,7 @@ class ImageGenerator:
                 cancelled = True
                 pipe._interrupt = True
             elif on_preview is not None and preview_every and (step + 1) % preview_every == 0:
-                on_preview(step + 1, num_inference_steps, latents_to_preview(tensors["latents"]))
+                on_preview(step + 1, len(pipe.scheduler.timesteps), latents_to_preview(tensors["latents"]))
             return {}
 
         embeds = prompt_embeds.to(self.device, self.pipe.unet.dtype)

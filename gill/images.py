@@ -8,12 +8,12 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from gill.errors import InputError
+
 # Refuse images whose declared size would need more than this many pixels (a decompression bomb):
 # 40 megapixels is larger than any camera photo users send and about 160 MB decoded.
 MAX_IMAGE_PIXELS = 40_000_000
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
-
-from gill.errors import InputError  # noqa: E402
 
 
 def load_image(source: Image.Image | bytes | str | Path, what: str = "image") -> Image.Image:

@@ -18,7 +18,7 @@ from transformers import AutoImageProcessor, CLIPVisionModel, OPTForCausalLM, Pr
 from gill.adapters import DECISION_CLASSES, GILLAdapters
 from gill.checkpoint import load_adapters, load_decision_head
 from gill.config import GILLArgs, resolve_source
-from gill.errors import CheckpointError, InputError
+from gill.errors import CheckpointError
 from gill.tokens import SpecialTokens, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,8 @@ class GILL:
         args = GILLArgs.load(directory)
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
-        tokenizer, tokens = load_tokenizer(resolve_source(args.tokenizer or args.opt_version, directory), args.num_tokens)
+        tokenizer_source = resolve_source(args.tokenizer or args.opt_version, directory)
+        tokenizer, tokens = load_tokenizer(tokenizer_source, args.num_tokens)
         if args.retrieval_token_idx and tuple(args.retrieval_token_idx) != tokens.img:
             raise CheckpointError(f"{directory}: model_args.json records [IMG] ids {list(args.retrieval_token_idx)} "
                                   f"but the tokenizer gives {list(tokens.img)}; the tokenizer does not match")

@@ -97,11 +97,11 @@ class Pipeline:
                 kinds.append("image")
             else:
                 raise InputError(f"part {index}: expected text (str) or an image, got {type(part).__name__}")
-        if all(kind == "text" and not part for kind, part in zip(kinds, parts)):
+        if all(kind == "text" and not part for kind, part in zip(kinds, parts, strict=False)):
             raise InputError("empty prompt: every part is an empty string")
         prefixes = self.model.encode_images(images)[0] if images else None
         pieces, image_index, add_bos = [], 0, True
-        for kind, part in zip(kinds, parts):
+        for kind, part in zip(kinds, parts, strict=False):
             if kind == "image":
                 pieces.append(prefixes[image_index])
                 image_index += 1

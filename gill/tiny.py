@@ -205,7 +205,8 @@ def shape_image(colour: str, shape: str, background: str, size: int) -> Image.Im
     elif shape == "square":
         draw.rectangle(box, fill=COLOURS[colour])
     else:
-        draw.polygon([(size // 2, margin), (size - margin, size - margin), (margin, size - margin)], fill=COLOURS[colour])
+        corners = [(size // 2, margin), (size - margin, size - margin), (margin, size - margin)]
+        draw.polygon(corners, fill=COLOURS[colour])
     return image
 
 
@@ -240,7 +241,7 @@ def _write_official_files(directory: Path, preset: Preset, args: GILLArgs, token
         paths.append(relative)
     with open(directory / "cc3m_embeddings_urls.npy", "wb") as handle:
         pickle.dump({"paths": paths, "embeddings": embeddings}, handle)
-    (directory / "retrieval_captions.json").write_text(json.dumps(dict(zip(paths, captions)), indent=1))
+    (directory / "retrieval_captions.json").write_text(json.dumps(dict(zip(paths, captions, strict=False)), indent=1))
 
 
 def make_checkpoint(directory: str | Path, seed: int = 0, preset: str = "tiny") -> Path:

@@ -49,7 +49,7 @@ def test_kv_cache_equals_full_recompute_token_for_token(pipeline, options):
     tokens, images, _ = _decode(pipeline, [prompt], options)
     assert _expand(tokens[0], img) == expected_tokens
     assert len(images[0]) == len(expected_images)
-    for got, expected in zip(images[0], expected_images):
+    for got, expected in zip(images[0], expected_images, strict=False):
         assert got.shape == (8, pipeline.model.lm_width)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
@@ -76,7 +76,7 @@ def test_batch_equals_one_at_a_time(pipeline):
         tokens, images, _ = _decode(pipeline, [prompt], options)
         assert batch_tokens[row] == tokens[0]
         assert len(batch_images[row]) == len(images[0])
-        for got, expected in zip(batch_images[row], images[0]):
+        for got, expected in zip(batch_images[row], images[0], strict=False):
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
