@@ -42,11 +42,18 @@ def context(model: GILL, length: int) -> torch.Tensor:
     return model.embed_tokens(ids)
 
 
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn, repeats: int) -> tuple[float, object]:
     times, result = [], None
     for _ in range(repeats):
+        synchronize()
         start = time.perf_counter()
         result = fn()
+        synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times), result
 
@@ -56,11 +63,12 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (fp32 on the CPU, bf16 on CUDA)")
     parser.add_argument("--write", action="store_true", help="record the result in docs/benchmarks.md")
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    model = GILL.from_checkpoint(small_checkpoint(), device="cpu")
+    model = GILL.from_checkpoint(small_checkpoint(), device=args.device)
     prompt = context(model, args.context)
     options = GenerationOptions(max_new_tokens=args.new_tokens, max_images=0, stop_at_eos=False, stop_at_newline=False)
     decoder = Decoder(model.lm, model.tokens)
@@ -80,29 +88,33 @@ def main() -> None:
         ("full recompute (reference method)", full_s, args.new_tokens / full_s, 1.0),
         ("KV cache (gill.decoding.Decoder)", kv_s, args.new_tokens / kv_s, speedup),
     ]
-    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    if model.device.type == "cuda":
+        machine = f"{torch.cuda.get_device_name()}, bf16, torch {torch.__version__}"
+    else:
+        machine = f"CPU fp32, {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    marker = MARK if model.device.type == "cpu" else MARK + "-cuda"
     lines = [
-        f"<!-- {MARK} -->",
+        f"<!-- {marker} -->",
         "### KV-cached decoding vs full recompute (`bench/kv_cache.py`)",
         "",
-        f"`small` preset (OPT-125m shapes, random weights), CPU fp32 ({machine}); {args.context}-token context, "
+        f"`small` preset (OPT-125m shapes, random weights), {machine}; {args.context}-token context, "
         f"{args.new_tokens} greedy new tokens, median of {args.repeats} runs each, identical tokens checked.",
         "",
         "| method | seconds | tokens/s | speedup |",
         "|---|---:|---:|---:|",
         *[f"| {name} | {seconds:.2f} | {rate:.1f} | {ratio:.1f}x |" for name, seconds, rate, ratio in rows],
-        f"<!-- /{MARK} -->",
+        f"<!-- /{marker} -->",
     ]
     table = "\n".join(lines)
     print(table)
     if args.write:
-        record(table)
+        record(table, marker)
 
 
-def record(table: str) -> None:
+def record(table: str, marker: str) -> None:
     path = ROOT / "docs" / "benchmarks.md"
     text = path.read_text() if path.exists() else "# Benchmarks\n\nEach figure is a ratio measured in one run.\n"
-    start, end = f"<!-- {MARK} -->", f"<!-- /{MARK} -->"
+    start, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"
     if start in text:
         text = text[: text.index(start)] + table + text[text.index(end) + len(end):]
     else:
