@@ -16,7 +16,7 @@ install: $(BIN)/gill
 # The main job on the embedded defaults: build the tiny checkpoint (first use) and run one dialogue turn
 # that streams text and writes an image to outputs/.
 demo: install
-	$(BIN)/gill run "show me a picture of a red circle" --gen-scale-factor 1000 --steps 20 --seed 1 --out outputs
+	$(BIN)/gill run "show me a picture of a red circle" --gen-scale-factor 1000 --min-word-tokens 4 --steps 20 --seed 1 --out outputs
 
 test: install
 	$(BIN)/python -m pytest -q

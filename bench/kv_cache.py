@@ -95,7 +95,7 @@ def main() -> None:
     marker = MARK if model.device.type == "cpu" else MARK + "-cuda"
     lines = [
         f"<!-- {marker} -->",
-        "### KV-cached decoding vs full recompute (`bench/kv_cache.py`)",
+        f"### KV-cached decoding vs full recompute (`bench/kv_cache.py --device {args.device}`)",
         "",
         f"`small` preset (OPT-125m shapes, random weights), {machine}; {args.context}-token context, "
         f"{args.new_tokens} greedy new tokens, median of {args.repeats} runs each, identical tokens checked.",

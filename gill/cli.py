@@ -148,7 +148,22 @@ def run(
         _fail(error)
 
 
+def _quiet_libraries() -> None:
+    """Progress bars of weight loading would drown the streamed text."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
+
+
 def main() -> None:
+    _quiet_libraries()
     app()
 
 

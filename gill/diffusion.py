@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -40,9 +41,14 @@ class ImageGenerator:
 
         # fp16 on the GPU as the reference; the safety checker (black images for flagged outputs) is opt-in.
         extra = {} if safety_checker else {"safety_checker": None, "requires_safety_checker": False}
+        source = resolve_source(args.sd_version, directory)
+        # `gill download` fetches only the fp16 weight files; from_pretrained must be told to look for them.
+        fp16_only = (Path(source) / "unet" / "diffusion_pytorch_model.fp16.safetensors").exists() and not (
+            Path(source) / "unet" / "diffusion_pytorch_model.safetensors").exists()
+        if fp16_only:
+            extra["variant"] = "fp16"
         pipe = StableDiffusionPipeline.from_pretrained(
-            resolve_source(args.sd_version, directory), dtype=torch.float16 if device.type == "cuda" else dtype,
-            **extra)
+            source, dtype=torch.float16 if device.type == "cuda" else dtype, **extra)
         return cls(pipe.to(device))
 
     @property
