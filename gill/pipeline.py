@@ -204,8 +204,13 @@ class Pipeline:
                   cancel: CancelCheck | None, choice: str,
                   probabilities: tuple[float, float] | None) -> Iterator[Event]:
         prompt_embeds = self.model.prompt_embeddings(states)
-        # Diffusion runs in a worker thread so previews stream out while it denoises.
+        # Diffusion runs in a worker thread so previews stream out while it denoises. If the consumer stops
+        # reading (closes this generator), `abandoned` stops the denoising loop at its next step.
         updates: queue.Queue = queue.Queue()
+        abandoned = threading.Event()
+
+        def stop() -> bool:
+            return abandoned.is_set() or (cancel is not None and cancel())
 
         def preview(step: int, total: int, image: Image.Image) -> None:
             updates.put(DiffusionPreview(index, step, total, image))
@@ -214,25 +219,28 @@ class Pipeline:
             try:
                 updates.put(("done", self.generator.generate(
                     prompt_embeds, guidance_scale=options.guidance_scale,
-                    num_inference_steps=options.num_inference_steps, seed=options.seed, cancel=cancel,
+                    num_inference_steps=options.num_inference_steps, seed=options.seed, cancel=stop,
                     on_preview=preview, preview_every=options.preview_every)))
             except BaseException as error:  # re-raised in the caller's thread
                 updates.put(("error", error))
 
-        threading.Thread(target=work, name=f"gill-diffusion-{index}", daemon=True).start()
-        while True:
-            update = updates.get()
-            if isinstance(update, DiffusionPreview):
-                yield update
-                continue
-            kind, value = update
-            if kind == "error":
-                raise value
-            if value is None:  # cancelled
-                return
+        worker = threading.Thread(target=work, name=f"gill-diffusion-{index}", daemon=True)
+        worker.start()
+        try:
+            while True:
+                update = updates.get()
+                if isinstance(update, DiffusionPreview):
+                    yield update
+                    continue
+                break
+        finally:
+            abandoned.set()
+        kind, value = update
+        if kind == "error":
+            raise value
+        if value is not None:  # None: cancelled
             # As the reference: score the generated image by cosine to the text-side retrieval vector.
             _, image_vector = self.model.encode_images([value])
             score = float((image_vector.float() @ query.T.float()).squeeze())
             yield ImageResult(index, "generated", value, choice, probabilities, score)
-            return
 

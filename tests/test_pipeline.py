@@ -192,3 +192,23 @@ def test_pipeline_keeps_serving_after_an_error(pipeline):
 
 def test_model_weights_stay_on_the_requested_device_and_dtype(pipeline):
     assert pipeline.model.device.type == "cpu" and pipeline.model.dtype == torch.float32
+
+
+def test_leaving_the_loop_mid_diffusion_stops_denoising(pipeline, decision_bias):
+    decision_bias("gen")
+    unet_calls = []
+    handle = pipeline.generator.pipe.unet.register_forward_hook(lambda *args: unet_calls.append(1))
+    options = GenerationOptions(**{**IMAGE_TURN.to_dict(), "num_inference_steps": 60, "preview_every": 1})
+    try:
+        stream = pipeline.stream([PROMPT], options)
+        for event in stream:
+            if isinstance(event, DiffusionPreview):
+                break
+        stream.close()  # what a server does when its client goes away
+        workers = [t for t in threading.enumerate() if t.name.startswith("gill-diffusion")]
+        for worker in workers:
+            worker.join(timeout=30)
+        assert not any(worker.is_alive() for worker in workers)
+    finally:
+        handle.remove()
+    assert len(unet_calls) <= 3, "denoising stopped within a step of the client leaving"
