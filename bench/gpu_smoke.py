@@ -15,9 +15,10 @@ import time
 import torch
 
 from gill.decoding import Decoder, TokenStep, generate_without_cache
+from gill.images import png_bytes
 from gill.options import GenerationOptions
 from gill.pipeline import Pipeline
-from gill.tiny import make_checkpoint, png_bytes
+from gill.tiny import make_checkpoint
 
 
 def main() -> int:
@@ -28,10 +29,10 @@ def main() -> int:
     start = time.perf_counter()
     pipeline = Pipeline.from_checkpoint(directory, device="cuda")
     print(f"loaded on {torch.cuda.get_device_name()} in {time.perf_counter() - start:.1f} s; "
-          f"LM {pipeline.model.dtype}, UNet {pipeline.generator.pipe.unet.dtype}")
+          f"LM {pipeline.components.model.dtype}, UNet {pipeline.components.generator.pipe.unet.dtype}")
     options = GenerationOptions(max_new_tokens=12, gen_scale_factor=1e5, min_word_tokens=3, num_inference_steps=10,
                                 seed=3, stop_at_newline=False, stop_at_eos=False)
-    head = pipeline.model.decision_head[1]
+    head = pipeline.components.model.decision_head[1]
     failures = []
     for choice, bias in (("gen", [100.0, -100.0]), ("ret", [-100.0, 100.0])):
         with torch.no_grad():
@@ -46,11 +47,12 @@ def main() -> int:
         if sources != ["generated" if choice == "gen" else "retrieved"] or not same:
             failures.append(choice)
 
-    prompt, _ = pipeline.build_prompt(["Q: show me a red circle on a blue background\nA:"], options)
+    tokens = pipeline.build_prompt(["Q: show me a red circle on a blue background\nA:"], options)
+    prompt = pipeline.components.model.embed_prompt(tokens.ids, tokens.prefixes)
     greedy = GenerationOptions(max_new_tokens=24, stop_at_newline=False, stop_at_eos=False, max_images=0)
-    cached = [s.tokens[0] for s in Decoder(pipeline.model.lm, pipeline.model.tokens).stream([prompt], greedy)
-              if isinstance(s, TokenStep)]
-    full, _ = generate_without_cache(pipeline.model.lm, pipeline.model.tokens, prompt, greedy)
+    model = pipeline.components.model
+    cached = [s.tokens[0] for s in Decoder(model.lm, model.tokens).stream([prompt], greedy) if isinstance(s, TokenStep)]
+    full, _ = generate_without_cache(model.lm, model.tokens, prompt, greedy)
     agree = sum(a == b for a, b in zip(cached, full))
     print(f"bf16 KV cache vs full recompute: {agree}/{len(full)} greedy tokens agree")
     print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")

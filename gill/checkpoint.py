@@ -93,3 +93,14 @@ def load_decision_head(directory: Path, lm_width: int) -> torch.nn.Sequential | 
                               f"got {[(k, tuple(v.shape)) for k, v in state.items()]}")
     head.load_state_dict({k: v.float() for k, v in state.items()})
     return head.eval()
+
+
+def load_logit_scale(directory: Path) -> float:
+    """The adapters' ``logit_scale`` alone (the retrieval service needs nothing else from them)."""
+    from safetensors import safe_open
+
+    path = Path(directory) / ADAPTERS_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found; run `gill convert {path.parent}` first")
+    with safe_open(str(path), framework="pt") as handle:
+        return float(handle.get_tensor(ADAPTER_KEY_PREFIX + "logit_scale").float())

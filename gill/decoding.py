@@ -110,6 +110,23 @@ class Decoder:
     def _logits(self, states: torch.Tensor) -> torch.Tensor:
         return self.lm.get_output_embeddings()(states).float()
 
+    def image_states(self, prompt: torch.Tensor) -> torch.Tensor:
+        """``[T, D]`` prompt -> ``[8, D]`` states of ``[IMG0..7]`` placed right after it.
+
+        The fixed text-to-image path (the reference's evaluation recipe forces ``[IMG0]`` at once): one
+        forward, no sampling.
+        """
+        if prompt.ndim != 2 or prompt.shape[0] == 0:
+            raise InputError("the prompt must be a non-empty [T, D] tensor of embeddings")
+        embedding = self.lm.get_input_embeddings()
+        img = embedding(torch.tensor(self.tokens.img, device=embedding.weight.device))
+        if prompt.shape[0] + img.shape[0] > self.max_positions:
+            raise InputError(f"context too long: {prompt.shape[0]} prompt tokens + {img.shape[0]} [IMG] tokens "
+                             f"exceed the model's window of {self.max_positions}")
+        sequence = torch.cat([prompt.to(img.device, img.dtype), img])[None]
+        with torch.inference_mode():
+            return self._body(inputs_embeds=sequence, use_cache=False).last_hidden_state[0, -img.shape[0]:]
+
     def stream(self, prompts: list[torch.Tensor], options: GenerationOptions,
                cancel: CancelCheck | None = None) -> Iterator[TokenStep | ImageStates]:
         """Decode ``prompts`` (each ``[T_i, D]`` embeddings) together; yields steps as they happen.

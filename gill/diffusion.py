@@ -64,10 +64,12 @@ class ImageGenerator:
     @torch.inference_mode()
     def generate(self, prompt_embeds: torch.Tensor, *, guidance_scale: float = 7.5, num_inference_steps: int = 50,
                  seed: int | None = None, cancel: Callable[[], bool] | None = None,
-                 on_preview: PreviewCallback | None = None, preview_every: int = 0) -> Image.Image | None:
+                 on_preview: PreviewCallback | None = None, preview_every: int = 0,
+                 on_step: Callable[[int, int], None] | None = None) -> Image.Image | None:
         """``[1, 77, gen_emb_dim]`` prompt embeddings -> an image, or None when cancelled.
 
         ``cancel`` is checked after every denoising step; the loop stops there and the VAE never runs.
+        ``on_step(step, total)`` sees every finished step, ``on_preview`` every ``preview_every``-th.
         """
         generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
         cancelled = False
@@ -75,6 +77,8 @@ class ImageGenerator:
         def on_step_end(pipe, step: int, timestep, tensors: dict) -> dict:
             nonlocal cancelled
             self.steps_run += 1
+            if on_step is not None:
+                on_step(step + 1, len(pipe.scheduler.timesteps))
             if cancel is not None and cancel():
                 cancelled = True
                 pipe._interrupt = True

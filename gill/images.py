@@ -67,3 +67,16 @@ def _decode(data: bytes, what: str) -> Image.Image:
         except (OSError, SyntaxError, ValueError) as error:
             raise InputError(f"{what}: truncated or corrupt image data ({error})") from error
     return image
+
+
+# Modes PNG stores as they are; anything else (CMYK, YCbCr, F ...) is converted to RGB first.
+_PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """``image`` encoded as PNG (lossless, so a decode gives the same pixels back)."""
+    if image.mode not in _PNG_MODES:
+        image = image.convert("RGB")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -13,12 +13,19 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import AutoImageProcessor, CLIPVisionModel, OPTForCausalLM, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    OPTForCausalLM,
+    PreTrainedTokenizerBase,
+)
 
 from gill.adapters import DECISION_CLASSES, GILLAdapters
 from gill.checkpoint import load_adapters, load_decision_head
 from gill.config import GILLArgs, resolve_source
-from gill.errors import CheckpointError
+from gill.errors import CheckpointError, InputError
 from gill.tokens import SpecialTokens, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -45,7 +52,7 @@ class GILL:
     """GILL's model parts on one device. Build with :meth:`from_checkpoint`."""
 
     def __init__(self, args: GILLArgs, tokenizer: PreTrainedTokenizerBase, tokens: SpecialTokens,
-                 lm: OPTForCausalLM, vision: CLIPVisionModel, image_processor, adapters: GILLAdapters,
+                 lm: OPTForCausalLM | None, vision: CLIPVisionModel | None, image_processor, adapters: GILLAdapters,
                  decision_head: torch.nn.Module | None, directory: Path | None = None) -> None:
         self.args = args
         self.tokenizer = tokenizer
@@ -59,7 +66,15 @@ class GILL:
 
     @classmethod
     def from_checkpoint(cls, directory: str | Path, device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None) -> GILL:
+                        dtype: torch.dtype | None = None, parts: tuple[str, ...] = ("lm", "vision")) -> GILL:
+        """Load GILL; ``parts`` picks the frozen base models to load (the adapters always load).
+
+        A serving process that needs only some stages loads only those: the ``mapper`` model loads no base
+        model, ``clip`` only the vision tower, ``llm`` only the language model.
+        """
+        unknown = set(parts) - {"lm", "vision"}
+        if unknown:
+            raise InputError(f"unknown parts {sorted(unknown)}; choose from lm, vision")
         directory = Path(directory)
         args = GILLArgs.load(directory)
         device = torch.device(device) if device is not None else default_device()
@@ -69,18 +84,29 @@ class GILL:
         if args.retrieval_token_idx and tuple(args.retrieval_token_idx) != tokens.img:
             raise CheckpointError(f"{directory}: model_args.json records [IMG] ids {list(args.retrieval_token_idx)} "
                                   f"but the tokenizer gives {list(tokens.img)}; the tokenizer does not match")
-        lm = OPTForCausalLM.from_pretrained(resolve_source(args.opt_version, directory), dtype=dtype)
-        if lm.get_input_embeddings().num_embeddings != tokens.vocab_size:
-            # OPT-6.7B ships 50272 rows; the reference resizes to len(tokenizer) = 50274.
-            lm.resize_token_embeddings(tokens.vocab_size, mean_resizing=False)
+        lm_source = resolve_source(args.opt_version, directory)
         vision_source = resolve_source(args.visual_encoder, directory)
-        vision = CLIPVisionModel.from_pretrained(vision_source, dtype=dtype)
-        image_processor = AutoImageProcessor.from_pretrained(vision_source)
-        adapters = load_adapters(directory, args, lm.config.hidden_size, vision.config.hidden_size)
-        with torch.no_grad():
-            # The [IMG] rows are the only trained rows; every other row keeps OPT's pristine weights.
-            lm.get_input_embeddings().weight[list(tokens.img)] = adapters.input_embeddings.weight.to(dtype)
-        decision_head = load_decision_head(directory, lm.config.hidden_size)
+        lm = vision = image_processor = None
+        if "lm" in parts:
+            lm = OPTForCausalLM.from_pretrained(lm_source, dtype=dtype)
+            if lm.get_input_embeddings().num_embeddings != tokens.vocab_size:
+                # OPT-6.7B ships 50272 rows; the reference resizes to len(tokenizer) = 50274.
+                lm.resize_token_embeddings(tokens.vocab_size, mean_resizing=False)
+            lm_width = lm.config.hidden_size
+        else:
+            lm_width = AutoConfig.from_pretrained(lm_source).hidden_size
+        if "vision" in parts:
+            vision = CLIPVisionModel.from_pretrained(vision_source, dtype=dtype)
+            image_processor = AutoImageProcessor.from_pretrained(vision_source)
+            vision_width = vision.config.hidden_size
+        else:
+            vision_width = CLIPVisionConfig.from_pretrained(vision_source).hidden_size
+        adapters = load_adapters(directory, args, lm_width, vision_width)
+        if lm is not None:
+            with torch.no_grad():
+                # The [IMG] rows are the only trained rows; every other row keeps OPT's pristine weights.
+                lm.get_input_embeddings().weight[list(tokens.img)] = adapters.input_embeddings.weight.to(dtype)
+        decision_head = load_decision_head(directory, lm_width)
         model = cls(args, tokenizer, tokens, lm, vision, image_processor, adapters, decision_head, directory)
         return model.to(device, dtype)
 
@@ -101,7 +127,7 @@ class GILL:
 
     @property
     def lm_width(self) -> int:
-        return self.lm.config.hidden_size
+        return self.adapters.lm_width
 
     @torch.inference_mode()
     def encode_images(self, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,8 +147,23 @@ class GILL:
         return self.lm.get_input_embeddings()(ids.to(self.device))
 
     @torch.inference_mode()
+    def embed_prompt(self, ids: torch.Tensor, prefixes: torch.Tensor | None) -> torch.Tensor:
+        """``[T]`` ids with -1 at image slots and ``[K, lm_width]`` prefixes -> ``[T, lm_width]`` embeddings."""
+        slots = ids < 0
+        count = int(slots.sum())
+        if count != (0 if prefixes is None else prefixes.shape[0]):
+            raise InputError(f"prompt has {count} image slots but {0 if prefixes is None else prefixes.shape[0]} "
+                             "visual prefix vectors")
+        embeds = self.embed_tokens(ids.clamp(min=0))
+        if count:
+            embeds[slots.to(embeds.device)] = prefixes.to(embeds.device, embeds.dtype)
+        return embeds
+
+    @torch.inference_mode()
     def img_token_embeddings(self) -> torch.Tensor:
         """``[8, lm_width]`` input embeddings of ``[IMG0..7]`` (the mapper's residual input)."""
+        if self.lm is None:  # the same rows the LM's table holds, kept by the adapters
+            return self.adapters.input_embeddings.weight
         return self.embed_tokens(torch.tensor(self.tokens.img))
 
     @torch.inference_mode()

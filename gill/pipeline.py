@@ -1,8 +1,9 @@
-"""One dialogue turn in-process: interleaved images and text in, a stream of typed events out.
+"""One dialogue turn: interleaved images and text in, a stream of typed events out.
 
-Stages: ``build_prompt`` (CLIP prefixes and token embeddings) -> ``Decoder.stream`` (text deltas; on
-``[IMG0]`` the 8 ``[IMG]`` states) -> ``_resolve_image`` (decision head; then only the chosen branch:
-retrieval from the corpus, or Stable Diffusion on the mapper's prompt embeddings).
+Stages: ``build_prompt`` (token ids and CLIP prefixes) -> ``Components.decode`` (text deltas; on ``[IMG0]``
+the 8 ``[IMG]`` states) -> ``_resolve_image`` (decision head; then only the chosen branch: retrieval from
+the corpus, or Stable Diffusion on the mapper's prompt embeddings). The same code runs in-process
+(:class:`~gill.components.LocalComponents`) and inside the Triton orchestrator (remote components).
 """
 
 from __future__ import annotations
@@ -17,17 +18,14 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from gill.decoding import CancelCheck, Decoder, ImageStates, TokenStep
-from gill.diffusion import ImageGenerator
+from gill.components import IMAGE_SLOT, Components, LocalComponents, Prompt
+from gill.decoding import CancelCheck, ImageStates, TokenStep
 from gill.errors import InputError
 from gill.events import DiffusionPreview, Done, Event, ImageRequest, ImageResult, TextDelta
 from gill.images import load_image
-from gill.model import GILL
 from gill.options import GenerationOptions
-from gill.retrieval import ExactRetriever, ImageStore, Retriever
 
 Part = str | Image.Image | bytes | Path
-RETRIEVAL_CANDIDATES = 3  # the reference tries its top 3 hits in order until one image loads
 
 
 class _TextStream:
@@ -58,58 +56,44 @@ class TurnResult:
 
 
 class Pipeline:
-    """GILL with its retriever and image generator; both optional (a missing branch is never chosen)."""
+    """The turn logic over a set of :class:`~gill.components.Components`."""
 
-    def __init__(self, model: GILL, retriever: Retriever | None = None, generator: ImageGenerator | None = None,
-                 image_store: ImageStore | None = None) -> None:
-        self.model = model
-        self.decoder = Decoder(model.lm, model.tokens)
-        self.retriever = retriever
-        self.generator = generator
-        self.image_store = image_store or ImageStore(model.directory)
+    def __init__(self, components: Components) -> None:
+        self.components = components
 
     @classmethod
     def from_checkpoint(cls, directory: str | Path, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, load_diffusion: bool = True,
                         load_retrieval: bool = True, safety_checker: bool = False) -> Pipeline:
-        directory = Path(directory)
-        model = GILL.from_checkpoint(directory, device, dtype)
-        retriever = None
-        if load_retrieval:
-            retriever = ExactRetriever.from_checkpoint(directory, float(model.adapters.logit_scale))
-        generator = None
-        if load_diffusion:
-            generator = ImageGenerator.from_checkpoint(model.args, directory, model.device, model.dtype, safety_checker)
-        return cls(model, retriever, generator, ImageStore(directory))
+        """Everything in this process (see :meth:`LocalComponents.from_checkpoint`)."""
+        return cls(LocalComponents.from_checkpoint(directory, device, dtype, load_diffusion, load_retrieval,
+                                                   safety_checker))
 
-    def build_prompt(self, parts: Sequence[Part], options: GenerationOptions) -> tuple[torch.Tensor, int]:
-        """Interleaved parts -> (``[T, lm_width]`` prompt embeddings, T). BOS before the first text only."""
+    def build_prompt(self, parts: Sequence[Part], options: GenerationOptions) -> Prompt:
+        """Interleaved parts -> a :class:`Prompt`. BOS before the first text only (unless ``always_add_bos``)."""
         if isinstance(parts, (str, bytes)) or not isinstance(parts, Sequence):
             raise InputError("parts must be a list of text strings and images")
         if not parts:
             raise InputError("empty prompt: give at least one text or image part")
-        images, kinds = [], []
+        images = {}
         for index, part in enumerate(parts):
-            if isinstance(part, str):
-                kinds.append("text")
-            elif isinstance(part, (Image.Image, bytes, bytearray, Path)):
-                images.append(load_image(part, what=f"part {index} (image)"))
-                kinds.append("image")
-            else:
+            if isinstance(part, (Image.Image, bytes, bytearray, Path)):
+                images[index] = load_image(part, what=f"part {index} (image)")
+            elif not isinstance(part, str):
                 raise InputError(f"part {index}: expected text (str) or an image, got {type(part).__name__}")
-        if all(kind == "text" and not part for kind, part in zip(kinds, parts, strict=False)):
+        if not images and not any(parts):
             raise InputError("empty prompt: every part is an empty string")
-        prefixes = self.model.encode_images(images)[0] if images else None
-        pieces, image_index, add_bos = [], 0, True
-        for kind, part in zip(kinds, parts, strict=False):
-            if kind == "image":
-                pieces.append(prefixes[image_index])
-                image_index += 1
+        prefixes = self.components.encode_images(list(images.values()))[0] if images else None
+        tokenizer = self.components.tokenizer
+        pieces, add_bos = [], True
+        for index, part in enumerate(parts):
+            if index in images:
+                pieces.append(torch.full((prefixes.shape[1],), IMAGE_SLOT, dtype=torch.long))
             elif part:
-                pieces.append(self.model.embed_tokens(self.model.tokenize(part, add_bos)))
+                pieces.append(tokenizer(part, add_special_tokens=add_bos, return_tensors="pt").input_ids[0])
                 add_bos = options.always_add_bos
-        embeds = torch.cat(pieces, dim=0)
-        return embeds, embeds.shape[0]
+        flat = prefixes.reshape(-1, prefixes.shape[-1]) if prefixes is not None else None
+        return Prompt(torch.cat(pieces), flat)
 
     def stream(self, parts: Sequence[Part], options: GenerationOptions | None = None,
                cancel: CancelCheck | None = None) -> Iterator[Event]:
@@ -118,15 +102,15 @@ class Pipeline:
         options = options or GenerationOptions()
         start = time.perf_counter()
         timings: dict[str, float] = {}
-        embeds, prompt_tokens = self.build_prompt(parts, options)
+        prompt = self.build_prompt(parts, options)
         timings["prompt_s"] = time.perf_counter() - start
-        text = _TextStream(self.model.tokenizer)
-        img_ids = set(self.model.tokens.img)
+        text = _TextStream(self.components.tokenizer)
+        img_ids = set(self.components.tokens.img)
         generated, images, reason = 0, 0, "length"
         seen: set[int] = set()
         decode_start = time.perf_counter()
         image_time = 0.0
-        for step in self.decoder.stream([embeds], options, cancel):
+        for step in self.components.decode(prompt, options, cancel):
             if isinstance(step, TokenStep):
                 token, reason = step.tokens[0], step.finished[0] or reason
                 if token is None:
@@ -150,7 +134,7 @@ class Pipeline:
             reason = "cancelled"
         timings["decode_s"] = time.perf_counter() - decode_start - image_time
         timings["total_s"] = time.perf_counter() - start
-        yield Done(text.emitted, prompt_tokens, generated, reason, timings)
+        yield Done(text.emitted, prompt.length, generated, reason, timings)
 
     def run(self, parts: Sequence[Part], options: GenerationOptions | None = None,
             cancel: CancelCheck | None = None, on_event: Callable[[Event], None] | None = None) -> TurnResult:
@@ -167,22 +151,23 @@ class Pipeline:
     def _resolve_image(self, index: int, states: torch.Tensor, options: GenerationOptions,
                        cancel: CancelCheck | None, seen: set[int], timings: dict[str, float]) -> Iterator[Event]:
         batch = states[None]
-        decision = self.model.decide(batch)
+        query, decision = self.components.image_heads(batch)
         choice = decision.choices[0]
         probabilities = None
         if decision.probabilities is not None:
             probabilities = (float(decision.probabilities[0, 0]), float(decision.probabilities[0, 1]))
-        query = self.model.text_retrieval_embedding(batch)
-        can_retrieve = options.allow_retrieval and self.retriever is not None
-        can_generate = options.allow_generation and self.generator is not None
-        order = ["ret", "gen"] if choice == "ret" else ["gen", "ret"]
-        for branch in order:
+        can_retrieve = options.allow_retrieval and self.components.can_retrieve
+        can_generate = options.allow_generation and self.components.can_generate
+        for branch in (["ret", "gen"] if choice == "ret" else ["gen", "ret"]):
             if branch == "ret" and can_retrieve:
                 started = time.perf_counter()
-                result = self._retrieve(index, query, seen, choice, probabilities)
+                found = self.components.retrieve(query, frozenset(seen))
                 timings["retrieval_s"] = timings.get("retrieval_s", 0.0) + time.perf_counter() - started
-                if result is not None:
-                    yield result
+                if found is not None:
+                    hit, image = found
+                    seen.add(hit.id)
+                    yield ImageResult(index, "retrieved", image, choice, probabilities, hit.score, hit.url,
+                                      hit.caption)
                     return
             elif branch == "gen" and can_generate:
                 started = time.perf_counter()
@@ -190,20 +175,10 @@ class Pipeline:
                 timings["diffusion_s"] = timings.get("diffusion_s", 0.0) + time.perf_counter() - started
                 return
 
-    def _retrieve(self, index: int, query: torch.Tensor, seen: set[int], choice: str,
-                  probabilities: tuple[float, float] | None) -> ImageResult | None:
-        hits = self.retriever.search(query.cpu().numpy(), RETRIEVAL_CANDIDATES, frozenset(seen))[0]
-        for hit in hits:
-            image = self.image_store.load(hit.url)
-            if image is not None:
-                seen.add(hit.id)
-                return ImageResult(index, "retrieved", image, choice, probabilities, hit.score, hit.url, hit.caption)
-        return None
-
     def _generate(self, index: int, states: torch.Tensor, query: torch.Tensor, options: GenerationOptions,
                   cancel: CancelCheck | None, choice: str,
                   probabilities: tuple[float, float] | None) -> Iterator[Event]:
-        prompt_embeds = self.model.prompt_embeddings(states)
+        prompt_embeds = self.components.prompt_embeddings(states)
         # Diffusion runs in a worker thread so previews stream out while it denoises. If the consumer stops
         # reading (closes this generator), `abandoned` stops the denoising loop at its next step.
         updates: queue.Queue = queue.Queue()
@@ -217,22 +192,17 @@ class Pipeline:
 
         def work() -> None:
             try:
-                updates.put(("done", self.generator.generate(
-                    prompt_embeds, guidance_scale=options.guidance_scale,
-                    num_inference_steps=options.num_inference_steps, seed=options.seed, cancel=stop,
-                    on_preview=preview, preview_every=options.preview_every)))
+                updates.put(("done", self.components.generate(prompt_embeds, options, stop, preview)))
             except BaseException as error:  # re-raised in the caller's thread
                 updates.put(("error", error))
 
-        worker = threading.Thread(target=work, name=f"gill-diffusion-{index}", daemon=True)
-        worker.start()
+        threading.Thread(target=work, name=f"gill-diffusion-{index}", daemon=True).start()
         try:
             while True:
                 update = updates.get()
-                if isinstance(update, DiffusionPreview):
-                    yield update
-                    continue
-                break
+                if not isinstance(update, DiffusionPreview):
+                    break
+                yield update
         finally:
             abandoned.set()
         kind, value = update
@@ -240,7 +210,6 @@ class Pipeline:
             raise value
         if value is not None:  # None: cancelled
             # As the reference: score the generated image by cosine to the text-side retrieval vector.
-            _, image_vector = self.model.encode_images([value])
-            score = float((image_vector.float() @ query.T.float()).squeeze())
+            _, image_vector = self.components.encode_images([value])
+            score = float((image_vector.float() @ query.T.float().to(image_vector.device)).squeeze())
             yield ImageResult(index, "generated", value, choice, probabilities, score)
-

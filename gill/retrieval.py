@@ -109,3 +109,17 @@ class ImageStore:
             return load_image(path, what=url)
         except InputError:
             return None
+
+
+# The reference tries its top 3 hits in order until one image loads (dead CC3M URLs are common).
+RETRIEVAL_CANDIDATES = 3
+
+
+def first_loadable(retriever: Retriever, store: ImageStore, query: np.ndarray, exclude: frozenset[int],
+                   candidates: int = RETRIEVAL_CANDIDATES) -> tuple[Hit, Image.Image] | None:
+    """The best of the top ``candidates`` hits for a ``[1, D]`` query whose image loads, or None."""
+    for hit in retriever.search(query, candidates, exclude)[0]:
+        image = store.load(hit.url)
+        if image is not None:
+            return hit, image
+    return None

@@ -13,7 +13,6 @@ Usage::
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import pickle
@@ -268,12 +267,6 @@ def make_checkpoint(directory: str | Path, seed: int = 0, preset: str = "tiny") 
     _write_official_files(directory, sizes, args, tokens.vocab_size, seed + 4)
     convert_directory(directory)
     return directory
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def default_home() -> Path:

@@ -30,7 +30,7 @@ def pipeline(tiny_dir: Path):
 @pytest.fixture
 def decision_bias(pipeline):
     """Force the decision head towards one class for a test, restoring it afterwards."""
-    head = pipeline.model.decision_head
+    head = pipeline.components.model.decision_head
     saved = head[1].bias.detach().clone()
 
     def force(choice: str) -> None:

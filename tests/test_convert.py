@@ -34,7 +34,7 @@ def test_converted_adapters_equal_the_official_tensors(tiny_dir):
 
 def test_round_trip_into_the_loaded_model(tiny_dir, pipeline):
     official = _official(tiny_dir, "pretrained_ckpt.pth.tar")
-    model = pipeline.model
+    model = pipeline.components.model
     assert torch.equal(model.adapters.visual_fc.weight, official["model.visual_fc.weight"].float())
     rows = model.lm.get_input_embeddings().weight[list(model.tokens.img)]
     assert torch.equal(rows, official["model.input_embeddings.weight"].float())

@@ -7,12 +7,12 @@ from gill.options import GenerationOptions
 
 
 def _prompt(pipeline, text="Q: show me a red circle on a blue background\nA:"):
-    embeds, _ = pipeline.build_prompt([text], GenerationOptions())
-    return embeds
+    prompt = pipeline.build_prompt([text], GenerationOptions())
+    return pipeline.components.model.embed_prompt(prompt.ids, prompt.prefixes)
 
 
 def _decode(pipeline, prompts, options, cancel=None):
-    decoder = Decoder(pipeline.model.lm, pipeline.model.tokens)
+    decoder = Decoder(pipeline.components.model.lm, pipeline.components.model.tokens)
     tokens = [[] for _ in prompts]
     images = [[] for _ in prompts]
     reasons = None
@@ -44,13 +44,14 @@ def _expand(tokens, img_ids):
 ])
 def test_kv_cache_equals_full_recompute_token_for_token(pipeline, options):
     prompt = _prompt(pipeline)
-    img = list(pipeline.model.tokens.img)
-    expected_tokens, expected_images = generate_without_cache(pipeline.model.lm, pipeline.model.tokens, prompt, options)
+    img = list(pipeline.components.model.tokens.img)
+    model = pipeline.components.model
+    expected_tokens, expected_images = generate_without_cache(model.lm, model.tokens, prompt, options)
     tokens, images, _ = _decode(pipeline, [prompt], options)
     assert _expand(tokens[0], img) == expected_tokens
     assert len(images[0]) == len(expected_images)
     for got, expected in zip(images[0], expected_images, strict=False):
-        assert got.shape == (8, pipeline.model.lm_width)
+        assert got.shape == (8, pipeline.components.model.lm_width)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
@@ -58,13 +59,13 @@ def test_image_tokens_are_forced_and_text_continues_after(pipeline):
     options = GenerationOptions(max_new_tokens=12, stop_at_newline=False, stop_at_eos=False,
                                 ret_scale_factor=1e5, min_word_tokens=3, max_images=1)
     tokens, images, reasons = _decode(pipeline, [_prompt(pipeline)], options)
-    img0 = pipeline.model.tokens.img[0]
+    img0 = pipeline.components.model.tokens.img[0]
     assert img0 not in tokens[0][:3], "min_word_tokens forbids [IMG0] at first"
     assert tokens[0][3] == img0, "a huge scale factor picks [IMG0] as soon as allowed"
     assert len(images[0]) == 1
     after = tokens[0][4:]
     assert len(after) == 8 and img0 not in after, "one image only, then text goes on"
-    assert not set(after) & set(pipeline.model.tokens.img[1:]), "[IMG1..7] are never sampled"
+    assert not set(after) & set(pipeline.components.model.tokens.img[1:]), "[IMG1..7] are never sampled"
 
 
 def test_batch_equals_one_at_a_time(pipeline):
@@ -94,7 +95,7 @@ def test_seeded_sampling_repeats_and_seeds_differ(pipeline):
 
 def test_cancellation_stops_within_one_step(pipeline):
     calls = []
-    handle = pipeline.model.lm.get_decoder().register_forward_hook(lambda *args: calls.append(1))
+    handle = pipeline.components.model.lm.get_decoder().register_forward_hook(lambda *args: calls.append(1))
     seen = []
     forwards_when_cancelled = []
 
@@ -104,7 +105,7 @@ def test_cancellation_stops_within_one_step(pipeline):
             return True
         return False
 
-    decoder = Decoder(pipeline.model.lm, pipeline.model.tokens)
+    decoder = Decoder(pipeline.components.model.lm, pipeline.components.model.tokens)
     options = GenerationOptions(max_new_tokens=50, stop_at_newline=False, stop_at_eos=False)
     try:
         for step in decoder.stream([_prompt(pipeline)], options, cancel):
@@ -118,8 +119,8 @@ def test_cancellation_stops_within_one_step(pipeline):
 
 
 def test_stops_at_newline_and_eos(pipeline):
-    tokens = pipeline.model.tokens
-    lm_head = pipeline.model.lm.get_output_embeddings()
+    tokens = pipeline.components.model.tokens
+    lm_head = pipeline.components.model.lm.get_output_embeddings()
     saved = lm_head.weight.detach().clone()
     try:
         with torch.no_grad():  # make the newline row win every step
@@ -139,8 +140,8 @@ def test_stops_at_newline_and_eos(pipeline):
 
 
 def test_over_long_context_is_a_clear_error(pipeline):
-    window = pipeline.model.lm.config.max_position_embeddings
-    prompt = torch.zeros(window - 10, pipeline.model.lm_width)
+    window = pipeline.components.model.lm.config.max_position_embeddings
+    prompt = torch.zeros(window - 10, pipeline.components.model.lm_width)
     with pytest.raises(InputError, match="context too long"):
         _decode(pipeline, [prompt], GenerationOptions(max_new_tokens=32))
 
@@ -171,7 +172,7 @@ def test_unknown_option_is_refused():
 
 def test_decoder_emits_image_states_once_per_image(pipeline):
     options = GenerationOptions(max_new_tokens=1, gen_scale_factor=1e5)
-    decoder = Decoder(pipeline.model.lm, pipeline.model.tokens)
+    decoder = Decoder(pipeline.components.model.lm, pipeline.components.model.tokens)
     steps = list(decoder.stream([_prompt(pipeline)], options))
     assert [type(s) for s in steps] == [TokenStep, ImageStates]
     assert steps[0].finished == ["length"]

@@ -12,7 +12,7 @@ def _states(model, n=1):
 
 
 def test_visual_prefix_and_image_retrieval_shapes(pipeline):
-    model = pipeline.model
+    model = pipeline.components.model
     images = [shape_image("red", "circle", "blue", 40), Image.new("RGB", (17, 50), (1, 2, 3))]
     prefix, vectors = model.encode_images(images)
     assert prefix.shape == (2, model.args.n_visual_tokens, model.lm_width)
@@ -21,7 +21,7 @@ def test_visual_prefix_and_image_retrieval_shapes(pipeline):
 
 
 def test_image_side_heads(pipeline):
-    model = pipeline.model
+    model = pipeline.components.model
     states = _states(model, 3)
     query = model.text_retrieval_embedding(states)
     assert query.shape == (3, 256)
@@ -39,7 +39,7 @@ def test_image_side_heads(pipeline):
 
 
 def test_mapper_adds_the_img_token_embeddings(pipeline):
-    model = pipeline.model
+    model = pipeline.components.model
     states = _states(model)
     mapper = model.adapters.gen_text_hidden_fcs[0]
     with torch.no_grad():
@@ -63,7 +63,7 @@ def test_paper_sized_mapper_structure():
 
 
 def test_decision_reads_the_img0_state(pipeline):
-    model = pipeline.model
+    model = pipeline.components.model
     states = _states(model)
     changed = states.clone()
     changed[:, 1:] = 0

@@ -9,8 +9,9 @@ from typer.testing import CliRunner
 from gill.cli import app
 from gill.errors import InputError
 from gill.events import DiffusionPreview, Done, ImageRequest, ImageResult, TextDelta
+from gill.images import png_bytes
 from gill.options import GenerationOptions
-from gill.tiny import png_bytes, shape_image
+from gill.tiny import shape_image
 
 PROMPT = "Q: show me a red circle on a blue background\nA:"
 IMAGE_TURN = GenerationOptions(max_new_tokens=12, gen_scale_factor=1e5, min_word_tokens=4,
@@ -26,7 +27,7 @@ def test_turn_streams_text_then_image_then_done(pipeline, decision_bias):
     deltas = [e for e in events if isinstance(e, TextDelta)]
     assert len(deltas) >= 3, "text arrives as several deltas"
     request = next(e for e in events if isinstance(e, ImageRequest))
-    assert request.hidden_states.shape == (8, pipeline.model.lm_width)
+    assert request.hidden_states.shape == (8, pipeline.components.model.lm_width)
     assert kinds.index(ImageRequest) > kinds.index(TextDelta), "min_word_tokens words come first"
     result = next(e for e in events if isinstance(e, ImageResult))
     assert result.source == "generated" and result.decision == "gen"
@@ -35,15 +36,16 @@ def test_turn_streams_text_then_image_then_done(pipeline, decision_bias):
     done = events[-1]
     assert done.text == "".join(d.text for d in deltas)
     assert done.generated_tokens == 12 and done.stop_reason == "length"
-    assert done.prompt_tokens == pipeline.model.args.n_visual_tokens + len(pipeline.model.tokenize(PROMPT, True))
+    model = pipeline.components.model
+    assert done.prompt_tokens == model.args.n_visual_tokens + len(model.tokenize(PROMPT, True))
     assert {"prompt_s", "first_token_s", "decode_s", "total_s", "diffusion_s"} <= set(done.timings)
 
 
 def test_generation_is_skipped_when_the_decision_is_retrieve(pipeline, decision_bias):
     decision_bias("ret")
-    before = pipeline.generator.steps_run
+    before = pipeline.components.generator.steps_run
     result = pipeline.run([PROMPT], IMAGE_TURN)
-    assert pipeline.generator.steps_run == before, "Stable Diffusion must not run for a retrieval"
+    assert pipeline.components.generator.steps_run == before, "Stable Diffusion must not run for a retrieval"
     [image] = result.images
     assert image.source == "retrieved" and image.decision == "ret"
     assert image.url.startswith("retrieval_images/") and image.caption.startswith("a ")
@@ -53,12 +55,12 @@ def test_generation_is_skipped_when_the_decision_is_retrieve(pipeline, decision_
 
 def test_generation_runs_when_the_decision_is_generate(pipeline, decision_bias):
     decision_bias("gen")
-    before = pipeline.generator.steps_run
+    before = pipeline.components.generator.steps_run
     result = pipeline.run([PROMPT], IMAGE_TURN)
     # PNDM (SD v1.5's scheduler) runs one extra warm-up step: count what the scheduler planned.
-    planned = len(pipeline.generator.pipe.scheduler.timesteps)
+    planned = len(pipeline.components.generator.pipe.scheduler.timesteps)
     assert planned in (IMAGE_TURN.num_inference_steps, IMAGE_TURN.num_inference_steps + 1)
-    assert pipeline.generator.steps_run - before == planned
+    assert pipeline.components.generator.steps_run - before == planned
     assert [i.source for i in result.images] == ["generated"]
 
 
@@ -91,7 +93,7 @@ def test_disallowed_branch_falls_back_to_the_other(pipeline, decision_bias):
 def test_cancel_during_diffusion_stops_within_one_step(pipeline, decision_bias):
     decision_bias("gen")
     unet_calls = []
-    handle = pipeline.generator.pipe.unet.register_forward_hook(lambda *args: unet_calls.append(1))
+    handle = pipeline.components.generator.pipe.unet.register_forward_hook(lambda *args: unet_calls.append(1))
     cancelled = threading.Event()
     previews = []
     options = GenerationOptions(**{**IMAGE_TURN.to_dict(), "num_inference_steps": 40, "preview_every": 1})
@@ -116,7 +118,7 @@ def test_previews_stream_during_generation(pipeline, decision_bias):
     decision_bias("gen")
     options = GenerationOptions(**{**IMAGE_TURN.to_dict(), "num_inference_steps": 6, "preview_every": 2})
     previews = [e for e in pipeline.stream([PROMPT], options) if isinstance(e, DiffusionPreview)]
-    total = len(pipeline.generator.pipe.scheduler.timesteps)
+    total = len(pipeline.components.generator.pipe.scheduler.timesteps)
     assert [p.step for p in previews] == list(range(2, total + 1, 2))
     assert all(p.total_steps == total and p.image.mode == "RGB" for p in previews)
 
@@ -191,13 +193,13 @@ def test_pipeline_keeps_serving_after_an_error(pipeline):
 
 
 def test_model_weights_stay_on_the_requested_device_and_dtype(pipeline):
-    assert pipeline.model.device.type == "cpu" and pipeline.model.dtype == torch.float32
+    assert pipeline.components.model.device.type == "cpu" and pipeline.components.model.dtype == torch.float32
 
 
 def test_leaving_the_loop_mid_diffusion_stops_denoising(pipeline, decision_bias):
     decision_bias("gen")
     unet_calls = []
-    handle = pipeline.generator.pipe.unet.register_forward_hook(lambda *args: unet_calls.append(1))
+    handle = pipeline.components.generator.pipe.unet.register_forward_hook(lambda *args: unet_calls.append(1))
     options = GenerationOptions(**{**IMAGE_TURN.to_dict(), "num_inference_steps": 60, "preview_every": 1})
     try:
         stream = pipeline.stream([PROMPT], options)

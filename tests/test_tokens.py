@@ -28,4 +28,4 @@ def test_loading_twice_adds_nothing_twice(tiny_dir):
 
 
 def test_checkpoint_records_the_tokenizers_ids(tiny_dir, pipeline):
-    assert pipeline.model.args.retrieval_token_idx == pipeline.model.tokens.img
+    assert pipeline.components.model.args.retrieval_token_idx == pipeline.components.model.tokens.img

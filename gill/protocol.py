@@ -1,0 +1,178 @@
+"""Conversions between the wire contract (``gill.v1.dialogue_pb2``) and the library's types.
+
+The one module that knows both worlds: a server decodes a :class:`ChatRequest` with
+:func:`request_from_bytes`, turns it into pipeline input with :func:`parts_from_request` and
+:func:`options_from_request`, and sends each pipeline event as :func:`event_to_proto` (or a failure as
+:func:`error_event`). Every invalid input raises :class:`~gill.errors.InputError` saying what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import DecodeError
+
+from gill.errors import InputError
+from gill.events import DiffusionPreview, Done, Event, ImageRequest, ImageResult, TextDelta
+from gill.images import png_bytes
+from gill.options import GenerationOptions
+from gill.v1 import dialogue_pb2 as pb
+
+if TYPE_CHECKING:
+    from gill.pipeline import Part
+
+# Limits on one request, checked before any image is decoded; raise them deliberately, not by accident.
+MAX_REQUEST_BYTES = 64 * 1024 * 1024  # serialized ChatRequest
+MAX_MESSAGES = 64  # messages in the conversation
+MAX_PARTS = 256  # text and image parts over all messages
+MAX_IMAGES_PER_REQUEST = 16  # image parts over all messages
+
+_ROLES = {pb.ROLE_USER: "ROLE_USER", pb.ROLE_ASSISTANT: "ROLE_ASSISTANT"}
+
+
+def request_from_bytes(data: bytes | bytearray | memoryview) -> pb.ChatRequest:
+    """Parse a serialized :class:`ChatRequest`; returns it with every message's role known and specified.
+
+    Raises :class:`InputError` for more than :data:`MAX_REQUEST_BYTES`, bytes that do not decode, and roles
+    other than ``ROLE_USER`` / ``ROLE_ASSISTANT`` (proto3 keeps unknown enum numbers; they are rejected).
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise InputError(f"a request must be the serialized gill.v1.ChatRequest bytes, got {type(data).__name__}")
+    size = memoryview(data).nbytes
+    if size > MAX_REQUEST_BYTES:
+        raise InputError(f"request is {size} bytes; at most {MAX_REQUEST_BYTES} bytes are allowed "
+                         f"(send fewer or smaller images)")
+    request = pb.ChatRequest()
+    try:
+        request.ParseFromString(bytes(data))
+    except DecodeError as error:
+        raise InputError(f"request bytes are not a valid gill.v1.ChatRequest ({error})") from None
+    for index, message in enumerate(request.messages):
+        _check_role(index, message.role)
+    return request
+
+
+def parts_from_request(request: pb.ChatRequest) -> list[Part]:
+    """Flatten the conversation into the pipeline's interleaved parts; returns ``str`` and ``bytes`` parts.
+
+    In message order and part order: an image becomes its encoded ``bytes``; text of a user message becomes
+    ``"Q: {text}\\nA:"`` and text of an assistant message ``" {text}\\n"`` (the reference's dialogue format).
+    The last message must be the user's. Raises :class:`InputError` for an empty conversation, an empty
+    message or part, an unspecified or unknown role, an image with no data or a non-image MIME type, and
+    more than :data:`MAX_MESSAGES` messages, :data:`MAX_PARTS` parts or :data:`MAX_IMAGES_PER_REQUEST` images.
+    """
+    messages = request.messages
+    if not messages:
+        raise InputError("request has no messages: send at least one user message")
+    if len(messages) > MAX_MESSAGES:
+        raise InputError(f"request has {len(messages)} messages; at most {MAX_MESSAGES} are allowed")
+    total_parts = sum(len(message.parts) for message in messages)
+    if total_parts > MAX_PARTS:
+        raise InputError(f"request has {total_parts} parts over all messages; at most {MAX_PARTS} are allowed")
+    total_images = sum(part.HasField("image") for message in messages for part in message.parts)
+    if total_images > MAX_IMAGES_PER_REQUEST:
+        raise InputError(f"request has {total_images} images; at most {MAX_IMAGES_PER_REQUEST} are allowed")
+    parts: list[Part] = []
+    for m, message in enumerate(messages):
+        _check_role(m, message.role)
+        if not message.parts:
+            raise InputError(f"message {m} has no parts: give it at least one text or image part")
+        for p, part in enumerate(message.parts):
+            kind = part.WhichOneof("kind")
+            if kind == "image":
+                image = part.image
+                if not image.data:
+                    raise InputError(f"message {m} part {p}: image has no data")
+                if image.mime_type and not image.mime_type.startswith("image/"):
+                    raise InputError(f"message {m} part {p}: mime_type {image.mime_type!r} is not an image type "
+                                     f"(allowed: 'image/...' or empty to detect from the data)")
+                parts.append(bytes(image.data))
+            elif kind == "text":
+                if message.role == pb.ROLE_USER:
+                    parts.append(f"Q: {part.text}\nA:")
+                else:
+                    parts.append(f" {part.text}\n")
+            else:
+                raise InputError(f"message {m} part {p} is empty: set its text or its image")
+    if messages[-1].role != pb.ROLE_USER:
+        raise InputError(f"the last message ({len(messages) - 1}) is from the assistant; "
+                         f"a request must end with a user message")
+    return parts
+
+
+def options_from_request(request: pb.ChatRequest,
+                         defaults: GenerationOptions | None = None) -> GenerationOptions:
+    """Returns ``defaults`` (or :class:`GenerationOptions` ``()``) with the fields the request set overriding them.
+
+    Only fields present on the wire count (``HasField``); float32 values are read back as their shortest
+    decimal (``0.7``, not ``0.699999988``). Out-of-range values raise :class:`InputError` from
+    :class:`GenerationOptions`' own validation.
+    """
+    defaults = defaults if defaults is not None else GenerationOptions()
+    if not request.HasField("options"):
+        return defaults
+    options = request.options
+    overrides: dict[str, Any] = {}
+    for field, value in options.ListFields():  # exactly the fields present (HasField) on the wire
+        if field.type == FieldDescriptor.TYPE_FLOAT:
+            value = float(str(np.float32(value)))
+        overrides[field.name] = value
+    return dataclasses.replace(defaults, **overrides)  # runs GenerationOptions' validation
+
+
+def event_to_proto(event: Event) -> pb.ChatEvent | None:
+    """Returns the :class:`ChatEvent` a pipeline event is sent as (images PNG-encoded), or None for
+    :class:`~gill.events.ImageRequest`, which is internal and never sent."""
+    if isinstance(event, TextDelta):
+        return pb.ChatEvent(text=pb.TextDelta(text=event.text))
+    if isinstance(event, ImageResult):
+        image = pb.ImageEvent(
+            index=event.index,
+            source=pb.IMAGE_SOURCE_RETRIEVED if event.source == "retrieved" else pb.IMAGE_SOURCE_GENERATED,
+            png=png_bytes(event.image),
+            url=event.url or "",
+            caption=event.caption or "",
+            decision=pb.DECISION_RETRIEVE if event.decision == "ret" else pb.DECISION_GENERATE,
+        )
+        if event.score is not None:
+            image.score = event.score
+        if event.probabilities is not None:
+            image.p_generate, image.p_retrieve = event.probabilities
+        return pb.ChatEvent(image=image)
+    if isinstance(event, DiffusionPreview):
+        return pb.ChatEvent(preview=pb.DiffusionPreview(index=event.index, step=event.step,
+                                                        total_steps=event.total_steps, png=png_bytes(event.image)))
+    if isinstance(event, Done):
+        return pb.ChatEvent(done=pb.Done(text=event.text, prompt_tokens=event.prompt_tokens,
+                                         generated_tokens=event.generated_tokens, stop_reason=event.stop_reason,
+                                         timings=event.timings))
+    if isinstance(event, ImageRequest):
+        return None
+    raise TypeError(f"not a pipeline event: {type(event).__name__}")
+
+
+def error_event(code: str, message: str) -> pb.ChatEvent:
+    """Returns a :class:`ChatEvent` carrying an :class:`Error`.
+
+    ``code`` names an :class:`ErrorCode` with or without its prefix, in any case: ``"INVALID_ARGUMENT"``,
+    ``"invalid_argument"`` or ``"ERROR_CODE_INVALID_ARGUMENT"``. Raises ValueError for any other name.
+    """
+    name = code.strip().upper()
+    if not name.startswith("ERROR_CODE_"):
+        name = "ERROR_CODE_" + name
+    if name not in pb.ErrorCode.keys() or name == "ERROR_CODE_UNSPECIFIED":
+        allowed = [key.removeprefix("ERROR_CODE_") for key in pb.ErrorCode.keys() if key != "ERROR_CODE_UNSPECIFIED"]
+        raise ValueError(f"unknown error code {code!r}; allowed: {allowed}")
+    return pb.ChatEvent(error=pb.Error(code=pb.ErrorCode.Value(name), message=message))
+
+
+def _check_role(index: int, role: int) -> None:
+    if role in _ROLES:
+        return
+    if role == pb.ROLE_UNSPECIFIED:
+        raise InputError(f"message {index} has no role: set ROLE_USER or ROLE_ASSISTANT")
+    raise InputError(f"message {index} has unknown role {role} (allowed: ROLE_USER = {pb.ROLE_USER}, "
+                     f"ROLE_ASSISTANT = {pb.ROLE_ASSISTANT})")

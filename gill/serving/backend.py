@@ -1,0 +1,152 @@
+"""What the Python-backend models share: parameters, device, tensors, errors, cancellation, metrics.
+
+Imported only inside Triton's Python backend stub (it needs ``triton_python_backend_utils``).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from gill.errors import GillError, InputError
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+def parameters(args: dict) -> dict[str, str]:
+    """The model config's ``parameters`` as plain strings (checkpoint directory, retriever settings ...)."""
+    config = json.loads(args["model_config"])
+    return {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+
+
+def device(args: dict) -> torch.device:
+    """The instance's device: ``cuda:<id>`` for KIND_GPU when CUDA is present, else the CPU."""
+    if args.get("model_instance_kind") == "GPU" and torch.cuda.is_available():
+        return torch.device(f"cuda:{args['model_instance_device_id']}")
+    return torch.device("cpu")
+
+
+def optional_input(request, name: str) -> np.ndarray | None:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
+
+
+def required_input(request, name: str) -> np.ndarray:
+    value = optional_input(request, name)
+    if value is None:
+        raise InputError(f"missing input tensor {name}")
+    return value
+
+
+def scalar(request, name: str, default: Any) -> Any:
+    """The single value of an optional ``[1]`` (or batched ``[1, 1]``) input, or ``default``."""
+    value = optional_input(request, name)
+    if value is None or value.size == 0:
+        return default
+    item = value.reshape(-1)[0]
+    return item.decode() if isinstance(item, bytes) else item.item()
+
+
+def tensor(name: str, array: np.ndarray | torch.Tensor) -> Any:
+    if isinstance(array, torch.Tensor):
+        array = array.detach().float().cpu().numpy() if array.is_floating_point() else array.cpu().numpy()
+    return pb_utils.Tensor(name, np.ascontiguousarray(array))
+
+
+def bytes_tensor(name: str, values: list[bytes], shape: tuple[int, ...] | None = None) -> Any:
+    array = np.array(values, dtype=np.object_)
+    return pb_utils.Tensor(name, array.reshape(shape) if shape else array)
+
+
+def error_response(error: BaseException) -> Any:
+    """A response carrying ``error``: INVALID_ARG for bad input, INTERNAL (with the message) otherwise."""
+    if isinstance(error, InputError):
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG))
+    if not isinstance(error, GillError):
+        pb_utils.Logger.log_error("".join(traceback.format_exception(error)))
+    message = f"{type(error).__name__}: {error}"
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, pb_utils.TritonError.INTERNAL))
+
+
+class CancelRegistry:
+    """Cancellation flags keyed by request id.
+
+    Triton 2.51's BLS response iterator cannot cancel the model it streams from, so the orchestrator sends
+    a ``CANCEL`` control request carrying the id, and the working thread checks the flag every step.
+    """
+
+    def __init__(self) -> None:
+        self._flags: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def register(self, request_id: str) -> threading.Event:
+        with self._lock:
+            return self._flags.setdefault(request_id, threading.Event())
+
+    def cancel(self, request_id: str) -> None:
+        with self._lock:
+            # A cancel may overtake the request it cancels: keep the flag so the request sees it when it starts.
+            self._flags.setdefault(request_id, threading.Event()).set()
+
+    def release(self, request_id: str) -> None:
+        with self._lock:
+            self._flags.pop(request_id, None)
+
+
+def checker(request, flag: threading.Event) -> Callable[[], bool]:
+    """True once the client cancelled this request or a ``CANCEL`` control request named it."""
+    return lambda: flag.is_set() or request.is_cancelled()
+
+
+def handle_control(request, registry: CancelRegistry) -> bool:
+    """Serve a ``CANCEL`` control request (one final, empty response); False if this is a normal request."""
+    target = scalar(request, "CANCEL", "")
+    if not target:
+        return False
+    registry.cancel(target)
+    request.get_response_sender().send(flags=FINAL)
+    return True
+
+
+def serve_in_thread(name: str, work: Callable[[], None], sender) -> None:
+    """Run ``work`` on its own thread; a failure becomes an error response, and FINAL is always sent."""
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as error:  # noqa: BLE001 - every failure must reach the client, not hang it
+            try:
+                sender.send(error_response(error))
+            except Exception:  # the client may be gone already
+                pass
+        finally:
+            try:
+                sender.send(flags=FINAL)
+            except Exception:
+                pass
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+
+
+class Counter:
+    """A labelled Prometheus counter through the Python backend's metrics API."""
+
+    def __init__(self, name: str, description: str) -> None:
+        self.family = pb_utils.MetricFamily(name=name, description=description, kind=pb_utils.MetricFamily.COUNTER)
+        self._metrics: dict[tuple, Any] = {}
+        self._lock = threading.Lock()
+
+    def add(self, value: float = 1.0, **labels: str) -> None:
+        key = tuple(sorted(labels.items()))
+        with self._lock:
+            metric = self._metrics.get(key)
+            if metric is None:
+                metric = self._metrics[key] = self.family.Metric(labels=dict(labels))
+            metric.increment(value)

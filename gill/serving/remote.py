@@ -1,0 +1,183 @@
+"""The orchestrator's :class:`~gill.components.Components`: each stage is a BLS call to another Triton model.
+
+Imported only inside Triton's Python backend. Sub-requests get their own ids so that a ``CANCEL`` control
+request can stop the ``llm`` or ``diffusion`` work behind them: the response iterator of Triton 2.51 has no
+``cancel()``, and leaving its loop would let the model run on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+from PIL import Image
+
+from gill.components import Prompt
+from gill.config import GILLArgs, resolve_source
+from gill.convert import EMBEDDINGS_FILE
+from gill.decoding import CancelCheck, ImageStates, TokenStep
+from gill.diffusion import PreviewCallback
+from gill.errors import GillError, InputError
+from gill.images import load_image, png_bytes
+from gill.model import Decision
+from gill.options import GenerationOptions
+from gill.retrieval import RETRIEVAL_CANDIDATES, Hit
+from gill.tokens import load_tokenizer
+
+CLIP_MAX_BATCH = 8  # model_repository/clip/config.pbtxt max_batch_size
+
+
+class StageError(GillError):
+    """A downstream model answered with an error."""
+
+
+def _output(response, name: str) -> np.ndarray | None:
+    tensor = pb_utils.get_output_tensor_by_name(response, name)
+    return None if tensor is None else tensor.as_numpy()
+
+
+def _check(response, model: str) -> None:
+    if response.has_error():
+        message = response.error().message()
+        raise (InputError if "INVALID_ARG" in str(response.error().code()) else StageError)(f"{model}: {message}")
+
+
+def _array(name: str, value: np.ndarray | torch.Tensor):
+    if isinstance(value, torch.Tensor):
+        value = value.detach().float().cpu().numpy() if value.is_floating_point() else value.cpu().numpy()
+    return pb_utils.Tensor(name, np.ascontiguousarray(value))
+
+
+def _bytes(name: str, values: list[bytes]):
+    return pb_utils.Tensor(name, np.array(values, dtype=np.object_))
+
+
+class RemoteComponents:
+    """Stages served by the ``clip``, ``llm``, ``mapper``, ``retrieval`` and ``diffusion`` models."""
+
+    def __init__(self, checkpoint: str | Path) -> None:
+        checkpoint = Path(checkpoint)
+        args = GILLArgs.load(checkpoint)
+        self.tokenizer, self.tokens = load_tokenizer(
+            resolve_source(args.tokenizer or args.opt_version, checkpoint), args.num_tokens)
+        self.can_retrieve = (checkpoint / EMBEDDINGS_FILE).exists()
+        self.can_generate = True
+
+    @staticmethod
+    def _infer(model: str, inputs: list, outputs: list[str]):
+        response = pb_utils.InferenceRequest(model_name=model, inputs=inputs, requested_output_names=outputs).exec()
+        _check(response, model)
+        return response
+
+    @staticmethod
+    def _cancel(model: str, request_id: str) -> None:
+        request = pb_utils.InferenceRequest(model_name=model, inputs=[_bytes("CANCEL", [request_id.encode()])],
+                                            requested_output_names=[])
+        for _ in request.exec(decoupled=True):
+            pass
+
+    def _stream(self, model: str, inputs: list, outputs: list[str], cancel: Callable[[], bool] | None) -> Iterator:
+        """Responses of a decoupled model; when ``cancel()`` turns true, or the caller stops reading, the model
+        is told to stop (and its remaining responses are drained)."""
+        request_id = f"{model}-{uuid.uuid4().hex}"
+        responses = pb_utils.InferenceRequest(model_name=model, inputs=inputs, requested_output_names=outputs,
+                                              request_id=request_id).exec(decoupled=True)
+        finished = cancelled = False
+        try:
+            for response in responses:
+                _check(response, model)
+                if response.output_tensors():
+                    yield response
+                if not cancelled and cancel is not None and cancel():
+                    cancelled = True
+                    self._cancel(model, request_id)
+                    break
+            else:
+                finished = True
+        finally:
+            if not finished:
+                if not cancelled:
+                    self._cancel(model, request_id)
+                for _ in responses:  # let the stream close cleanly
+                    pass
+
+    def encode_images(self, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+        prefixes, vectors = [], []
+        for start in range(0, len(images), CLIP_MAX_BATCH):
+            rows = [[png_bytes(image)] for image in images[start:start + CLIP_MAX_BATCH]]
+            response = self._infer("clip", [pb_utils.Tensor("IMAGE", np.array(rows, dtype=np.object_))],
+                                   ["PREFIX", "RETRIEVAL_VECTOR"])
+            prefixes.append(torch.from_numpy(_output(response, "PREFIX").copy()))
+            vectors.append(torch.from_numpy(_output(response, "RETRIEVAL_VECTOR").copy()))
+        return torch.cat(prefixes), torch.cat(vectors)
+
+    def decode(self, prompt: Prompt, options: GenerationOptions,
+               cancel: CancelCheck | None) -> Iterator[TokenStep | ImageStates]:
+        inputs = [_array("INPUT_IDS", prompt.ids.to(torch.int64)),
+                  _bytes("OPTIONS", [json.dumps(options.to_dict()).encode()])]
+        if prompt.prefixes is not None:
+            inputs.append(_array("VISUAL_PREFIX", prompt.prefixes))
+        for response in self._stream("llm", inputs, ["TOKEN", "FINISH_REASON", "IMG_STATES"], cancel):
+            states = _output(response, "IMG_STATES")
+            if states is not None:
+                yield ImageStates({0: torch.from_numpy(states[0].copy())})
+                continue
+            token = int(_output(response, "TOKEN")[0])
+            reason = _output(response, "FINISH_REASON")[0].decode() or None
+            yield TokenStep([None if token < 0 else token], [reason])
+
+    def _mapper(self, states: torch.Tensor, outputs: list[str]):
+        return self._infer("mapper", [_array("IMG_STATES", states)], outputs)
+
+    def image_heads(self, states: torch.Tensor) -> tuple[torch.Tensor, Decision]:
+        response = self._mapper(states, ["RETRIEVAL_VECTOR", "DECISION_PROBS"])
+        probabilities = torch.from_numpy(_output(response, "DECISION_PROBS").copy())
+        if math.isnan(float(probabilities[0, 0])):  # no decision head in this checkpoint
+            decision = Decision(["gen"] * probabilities.shape[0], None)
+        else:
+            decision = Decision(["gen" if p[0] >= p[1] else "ret" for p in probabilities.tolist()], probabilities)
+        return torch.from_numpy(_output(response, "RETRIEVAL_VECTOR").copy()), decision
+
+    def prompt_embeddings(self, states: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(_output(self._mapper(states, ["PROMPT_EMBEDS"]), "PROMPT_EMBEDS").copy())
+
+    def retrieve(self, query: torch.Tensor, exclude: frozenset[int]) -> tuple[Hit, Image.Image] | None:
+        response = self._infer(
+            "retrieval",
+            [_array("QUERY", query.reshape(-1)), _array("TOP_K", np.array([RETRIEVAL_CANDIDATES], dtype=np.int32)),
+             _array("EXCLUDE", np.array(sorted(exclude), dtype=np.int64))],
+            ["IDS", "SCORES", "URLS", "CAPTIONS", "IMAGES"])
+        rows = zip(_output(response, "IDS"), _output(response, "SCORES"), _output(response, "URLS"),
+                   _output(response, "CAPTIONS"), _output(response, "IMAGES"), strict=True)
+        for hit_id, score, url, caption, data in rows:
+            if data:
+                hit = Hit(int(hit_id), url.decode(), float(score), caption.decode() or None)
+                return hit, load_image(bytes(data), what=hit.url)
+        return None
+
+    def generate(self, prompt_embeds: torch.Tensor, options: GenerationOptions, cancel: Callable[[], bool],
+                 on_preview: PreviewCallback) -> Image.Image | None:
+        inputs = [
+            _array("PROMPT_EMBEDS", prompt_embeds.reshape(1, *prompt_embeds.shape[-2:])),
+            _array("GUIDANCE_SCALE", np.array([options.guidance_scale], dtype=np.float32)),
+            _array("STEPS", np.array([options.num_inference_steps], dtype=np.int32)),
+            _array("SEED", np.array([-1 if options.seed is None else options.seed], dtype=np.int64)),
+            _array("PREVIEW_EVERY", np.array([options.preview_every], dtype=np.int32)),
+            # A response every step, so the cancellation check below runs every step.
+            _array("PROGRESS", np.array([True])),
+        ]
+        for response in self._stream("diffusion", inputs, ["IMAGE", "PREVIEW", "STEP", "TOTAL_STEPS"], cancel):
+            image = _output(response, "IMAGE")
+            if image is not None:
+                return load_image(bytes(image[0]), what="generated image")
+            preview = _output(response, "PREVIEW")
+            if preview is not None:
+                step, total = int(_output(response, "STEP")[0]), int(_output(response, "TOTAL_STEPS")[0])
+                on_preview(step, total, load_image(bytes(preview[0]), what="preview"))
+        return None

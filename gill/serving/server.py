@@ -1,0 +1,207 @@
+"""Start NVIDIA Triton Inference Server on ``model_repository/`` with a GILL checkpoint.
+
+The ``tritonserver`` binary, the Python backend and a backend stub per Python version come from the
+``nvidia-pytriton`` wheel. As measured on these machines (DESIGN.md): the stub for the running Python sits
+beside ``libtriton_python.so``; ``LD_LIBRARY_PATH`` starts with the interpreter's own ``LIBDIR`` (else the
+stub links the system's ``libpython`` and stdlib extensions fail), then the wheel's libraries. The stub
+ignores ``PYTHONPATH``, so the project environment travels as ``GILL_PYTHONPATH`` and each ``model.py``
+adds it. In Kubernetes the same repository runs in NVIDIA's Triton image instead.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+from gill.errors import GillError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+MODEL_REPOSITORY = PROJECT_ROOT / "model_repository"
+# The dialogue model needs every other one; the ensemble is for Triton's own tools.
+ALL_MODELS = ("clip", "llm", "mapper", "retrieval", "diffusion", "tokenize", "gill", "text_to_image")
+_CHECKPOINT_PARAMETER = re.compile(r'(key:\s*"checkpoint"\s*value:\s*\{\s*string_value:\s*)"[^"]*"')
+
+
+class ServeError(GillError):
+    """The server could not start, or a model failed to load; the message carries the log excerpt."""
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    host: str
+    grpc_port: int
+    http_port: int
+    metrics_port: int
+
+    @property
+    def grpc(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def http(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def metrics(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def _pytriton_dir() -> Path:
+    try:
+        import pytriton
+    except ImportError as error:
+        raise ServeError("the Triton server comes from the nvidia-pytriton package; install it") from error
+    return Path(pytriton.__file__).resolve().parent / "tritonserver"
+
+
+def prepare_backend(target: Path) -> Path:
+    """A Python-backend folder with the stub for this interpreter; returns the backends directory."""
+    source = _pytriton_dir()
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = source / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists():
+        raise ServeError(f"nvidia-pytriton ships no backend stub for Python {version}")
+    python = target / "python"
+    python.mkdir(parents=True, exist_ok=True)
+    for item in (source / "backends" / "python").iterdir():
+        if item.is_file():
+            shutil.copy2(item, python / item.name)
+    shutil.copy2(stub, python / stub.name)
+    return target
+
+
+def prepare_repository(target: Path, checkpoint: Path, models: tuple[str, ...] = ALL_MODELS,
+                       source: Path = MODEL_REPOSITORY) -> Path:
+    """Copy the chosen models, with the ``checkpoint`` parameter of each set to ``checkpoint``."""
+    if not source.is_dir():
+        raise ServeError(f"{source}: model repository not found (run from a checkout of the project)")
+    target.mkdir(parents=True, exist_ok=True)
+    for name in models:
+        shutil.copytree(source / name, target / name, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__", ".gitkeep"))
+        config = target / name / "config.pbtxt"
+        text = _CHECKPOINT_PARAMETER.sub(lambda m: f'{m.group(1)}"{checkpoint.resolve()}"', config.read_text())
+        config.write_text(text)
+    return target
+
+
+def _environment() -> dict[str, str]:
+    env = dict(os.environ)
+    libs = _pytriton_dir().parent.parent / "nvidia_pytriton.libs"
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(
+        p for p in (sysconfig.get_config_var("LIBDIR"), str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
+    paths = [p for p in sys.path if p.endswith("site-packages")] + [str(PROJECT_ROOT)]
+    env["GILL_PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    env.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+class TritonServer:
+    """``tritonserver`` on a prepared repository; a context manager that stops the server on exit."""
+
+    def __init__(self, checkpoint: str | Path, host: str = "127.0.0.1", grpc_port: int = 0, http_port: int = 0,
+                 metrics_port: int = 0, models: tuple[str, ...] = ALL_MODELS, work_dir: Path | None = None) -> None:
+        self.checkpoint = Path(checkpoint)
+        self.endpoints = Endpoints(host, grpc_port or free_port(host), http_port or free_port(host),
+                                   metrics_port or free_port(host))
+        self.models = models
+        self._own_dir = work_dir is None
+        self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="gill-serve-"))
+        self.log_path = self.work_dir / "triton.log"
+        self.process: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        host = self.endpoints.host
+        return [
+            str(_pytriton_dir() / "bin" / "tritonserver"),
+            f"--model-repository={self.work_dir / 'models'}",
+            f"--backend-directory={self.work_dir / 'backends'}",
+            f"--grpc-address={host}", f"--grpc-port={self.endpoints.grpc_port}",
+            f"--http-address={host}", f"--http-port={self.endpoints.http_port}",
+            f"--metrics-address={host}", f"--metrics-port={self.endpoints.metrics_port}",
+            "--allow-metrics=true", "--allow-gpu-metrics=false",
+            "--exit-timeout-secs=10",
+            # Model load includes torch imports and weights; the default 30 s is short on two cores.
+            "--backend-config=python,stub-timeout-seconds=120",
+        ]
+
+    def start(self, timeout: float = 300.0) -> Endpoints:
+        """Start and wait until every model is ready; raises :class:`ServeError` with the log excerpt."""
+        if not self.checkpoint.is_dir():
+            raise ServeError(f"{self.checkpoint}: checkpoint directory not found")
+        prepare_backend(self.work_dir / "backends")
+        prepare_repository(self.work_dir / "models", self.checkpoint, self.models)
+        log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=_environment(),
+                                        start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServeError(f"tritonserver exited with code {self.process.returncode} while loading models:\n"
+                                 + self.log_excerpt())
+            if self.ready():
+                return self.endpoints
+            time.sleep(0.5)
+        self.stop()
+        raise ServeError(f"models not ready after {timeout:.0f} s:\n{self.log_excerpt()}")
+
+    def ready(self) -> bool:
+        try:
+            return requests.get(f"{self.endpoints.http}/v2/health/ready", timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def log_excerpt(self, lines: int = 25) -> str:
+        """The error lines and the end of the server log."""
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        errors = [line for line in text if line.startswith("E") or "failed to load" in line or "Error" in line]
+        tail = text[-lines:]
+        return "\n".join(dict.fromkeys(errors[-lines:] + ["..."] + tail))
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGINT (Triton's clean shutdown), then SIGKILL for the whole process group if it hangs."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def wait(self) -> int:
+        assert self.process is not None
+        return self.process.wait()
+
+    def __enter__(self) -> TritonServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        if self._own_dir:
+            shutil.rmtree(self.work_dir, ignore_errors=True)

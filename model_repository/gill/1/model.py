@@ -1,0 +1,69 @@
+"""gill: REQUEST (serialized gill.v1.ChatRequest) -> a stream of EVENT (serialized gill.v1.ChatEvent)."""
+
+import os
+import site
+import sys
+
+# Triton starts the stub with its own interpreter paths; `gill serve` passes the project environment here.
+_before = list(sys.path)
+for _path in filter(None, os.environ.get("GILL_PYTHONPATH", "").split(os.pathsep)):
+    site.addsitedir(_path)
+sys.path[:] = [p for p in sys.path if p not in _before] + _before
+
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+from gill import protocol  # noqa: E402
+from gill.errors import InputError  # noqa: E402
+from gill.events import Done, ImageResult  # noqa: E402
+from gill.pipeline import Pipeline  # noqa: E402
+from gill.serving import backend  # noqa: E402
+from gill.serving.remote import RemoteComponents  # noqa: E402
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.pipeline = Pipeline(RemoteComponents(backend.parameters(args)["checkpoint"]))
+        self.turns = backend.Counter("gill_turns_total", "Dialogue turns by outcome")
+        self.images = backend.Counter("gill_images_total", "Images shown, by source")
+        self.stage_seconds = backend.Counter("gill_stage_seconds_total", "Seconds spent per stage")
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            backend.serve_in_thread("gill-turn", lambda r=request, s=sender: self._turn(r, s), sender)
+        return None
+
+    @staticmethod
+    def _send(sender, event) -> None:
+        data = event.SerializeToString()
+        sender.send(pb_utils.InferenceResponse([pb_utils.Tensor("EVENT", np.array([data], dtype=np.object_))]))
+
+    def _turn(self, request, sender) -> None:
+        started = time.perf_counter()
+        try:
+            raw = backend.optional_input(request, "REQUEST")
+            if raw is None or raw.size != 1:
+                raise InputError("REQUEST must hold exactly one serialized gill.v1.ChatRequest")
+            chat = protocol.request_from_bytes(bytes(raw.reshape(-1)[0]))
+            parts = protocol.parts_from_request(chat)
+            options = protocol.options_from_request(chat)
+            for event in self.pipeline.stream(parts, options, cancel=request.is_cancelled):
+                if isinstance(event, ImageResult):
+                    self.images.add(source=event.source)
+                if isinstance(event, Done):
+                    for stage, seconds in event.timings.items():
+                        self.stage_seconds.add(seconds, stage=stage.removesuffix("_s"))
+                    self.turns.add(outcome=event.stop_reason)
+                message = protocol.event_to_proto(event)
+                if message is not None:
+                    self._send(sender, message)
+        except InputError as error:
+            self.turns.add(outcome="invalid")
+            self._send(sender, protocol.error_event("INVALID_ARGUMENT", str(error)))
+        except Exception as error:
+            self.turns.add(outcome="error")
+            pb_utils.Logger.log_error(f"turn failed after {time.perf_counter() - started:.2f} s: {error!r}")
+            self._send(sender, protocol.error_event("INTERNAL", f"{type(error).__name__}: {error}"))

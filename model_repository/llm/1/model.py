@@ -1,0 +1,70 @@
+"""llm: token ids with image slots (-1) + visual prefixes -> a stream of TOKEN / IMG_STATES responses."""
+
+import os
+import site
+import sys
+
+# Triton starts the stub with its own interpreter paths; `gill serve` passes the project environment here.
+_before = list(sys.path)
+for _path in filter(None, os.environ.get("GILL_PYTHONPATH", "").split(os.pathsep)):
+    site.addsitedir(_path)
+sys.path[:] = [p for p in sys.path if p not in _before] + _before
+
+import json  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+from gill.decoding import Decoder, TokenStep  # noqa: E402
+from gill.errors import InputError  # noqa: E402
+from gill.model import GILL  # noqa: E402
+from gill.options import GenerationOptions  # noqa: E402
+from gill.serving import backend  # noqa: E402
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.model = GILL.from_checkpoint(backend.parameters(args)["checkpoint"], backend.device(args), parts=("lm",))
+        self.decoder = Decoder(self.model.lm, self.model.tokens)
+        self.cancels = backend.CancelRegistry()
+        self.tokens_total = backend.Counter("gill_tokens_generated_total", "Tokens sampled by the LLM")
+
+    def execute(self, requests):
+        for request in requests:
+            if not backend.handle_control(request, self.cancels):
+                sender = request.get_response_sender()
+                backend.serve_in_thread("gill-llm", lambda r=request, s=sender: self._serve(r, s), sender)
+        return None
+
+    def _prompt(self, request) -> torch.Tensor:
+        ids = backend.optional_input(request, "INPUT_IDS")
+        if ids is None or ids.size == 0:
+            raise InputError("INPUT_IDS is missing or empty")
+        prefix = backend.optional_input(request, "VISUAL_PREFIX")
+        prefixes = None if prefix is None or prefix.size == 0 else torch.from_numpy(prefix.copy())
+        return self.model.embed_prompt(torch.from_numpy(ids.astype(np.int64)), prefixes)
+
+    def _serve(self, request, sender) -> None:
+        request_id = request.request_id()
+        flag = self.cancels.register(request_id)
+        try:
+            prompt = self._prompt(request)
+            if backend.scalar(request, "FORCE_IMAGE", False):
+                states = self.decoder.image_states(prompt)
+                sender.send(pb_utils.InferenceResponse([backend.tensor("IMG_STATES", states[None])]))
+                return
+            options = GenerationOptions.from_dict(json.loads(backend.scalar(request, "OPTIONS", "{}")))
+            for step in self.decoder.stream([prompt], options, backend.checker(request, flag)):
+                if isinstance(step, TokenStep):
+                    if step.tokens[0] is not None:
+                        self.tokens_total.add()
+                    outputs = [backend.tensor("TOKEN", np.array([-1 if step.tokens[0] is None else step.tokens[0]])),
+                               backend.bytes_tensor("FINISH_REASON", [(step.finished[0] or "").encode()])]
+                else:
+                    outputs = [backend.tensor("IMG_STATES", step.states[0][None])]
+                sender.send(pb_utils.InferenceResponse(outputs))
+        except json.JSONDecodeError as error:
+            raise InputError(f"OPTIONS is not valid JSON: {error}") from error
+        finally:
+            self.cancels.release(request_id)
