@@ -13,10 +13,10 @@ $(BIN)/gill: pyproject.toml
 
 install: $(BIN)/gill
 
-# The main job on the embedded defaults: build the tiny checkpoint (first use) and run one dialogue turn
-# that streams text and writes an image to outputs/.
+# The main job on the embedded defaults: build the tiny checkpoint (first use), start Triton on loopback,
+# stream one dialogue turn over gRPC (text, then an image saved to outputs/), stop the server.
 demo: install
-	$(BIN)/gill run "show me a picture of a red circle" --gen-scale-factor 1000 --min-word-tokens 4 --steps 20 --seed 1 --out outputs
+	$(BIN)/gill run "show me a picture of a red circle" --served --gen-scale-factor 1000 --min-word-tokens 4 --steps 20 --seed 1 --out outputs
 
 test: install
 	$(BIN)/python -m pytest -q

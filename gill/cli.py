@@ -90,12 +90,41 @@ def download(
         _fail(error)
 
 
+def _render(event, out: Path) -> None:
+    """Print one gill.v1.ChatEvent the way a terminal user wants to see it."""
+    from gill.v1 import dialogue_pb2 as pb
+
+    kind = event.WhichOneof("event")
+    if kind == "text":
+        sys.stdout.write(event.text.text)
+        sys.stdout.flush()
+    elif kind == "preview":
+        console.print(f"[dim]denoising {event.preview.step}/{event.preview.total_steps}[/dim]")
+    elif kind == "image":
+        image = event.image
+        source = "retrieved" if image.source == pb.IMAGE_SOURCE_RETRIEVED else "generated"
+        path = out / f"image-{image.index}-{source}.png"
+        path.write_bytes(image.png)
+        where = f" from {image.url}" if image.url else ""
+        score = f", score {image.score:.3f}" if image.HasField("score") else ""
+        probabilities = (f", p(gen)={image.p_generate:.2f} p(ret)={image.p_retrieve:.2f}"
+                         if image.HasField("p_generate") else "")
+        print(f"\n[image {image.index}: {source}{where}{score}{probabilities} -> {path}]")
+    elif kind == "done":
+        print()
+        console.print(f"[dim]{event.done.generated_tokens} tokens, stop: {event.done.stop_reason}, "
+                      f"{event.done.timings.get('total_s', 0):.2f} s[/dim]")
+    elif kind == "error":
+        raise GillError(f"{pb.ErrorCode.Name(event.error.code)}: {event.error.message}")
+
+
 @app.command()
 def run(
-    text: Annotated[str, typer.Argument(help="the user's message")],
+    text: Annotated[str, typer.Argument(help="the user's message (sent as 'Q: {text}\\nA:' like the reference demo)")],
     image: Annotated[list[Path] | None, typer.Option(help="an input image, before the text; repeatable")] = None,
     checkpoint: Annotated[Path | None, typer.Option(help="checkpoint directory (default: the tiny one)")] = None,
     out: Annotated[Path, typer.Option(help="where images are saved")] = Path("outputs"),
+    served: Annotated[bool, typer.Option(help="run the turn through a Triton server started for it")] = False,
     max_new_tokens: int = 32,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -105,47 +134,92 @@ def run(
     gen_scale_factor: float = 1.0,
     guidance_scale: float = 7.5,
     steps: Annotated[int, typer.Option(help="denoising steps")] = 50,
-    dialogue: Annotated[bool, typer.Option(help="wrap the text as 'Q: {text}\\nA:' like the reference demo")] = True,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if present)")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (in-process; default: cuda if present)")]
+    = None,
 ) -> None:
-    """Run one dialogue turn in-process: stream the text, save the images, say where each came from."""
-    from gill.events import DiffusionPreview, Done, ImageResult, TextDelta
-    from gill.options import GenerationOptions
-    from gill.pipeline import Pipeline
+    """Run one dialogue turn, in-process or served: stream the text, save the images, say where each came from."""
+    from gill import protocol
+    from gill.v1 import dialogue_pb2 as pb
+
+    try:
+        parts = [pb.Part(image=pb.Image(data=path.read_bytes())) for path in image or []]
+        request = pb.ChatRequest(messages=[pb.Message(role=pb.ROLE_USER, parts=[*parts, pb.Part(text=text)])])
+        request.options.CopyFrom(pb.Options(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, min_word_tokens=min_word_tokens,
+            ret_scale_factor=ret_scale_factor, gen_scale_factor=gen_scale_factor, guidance_scale=guidance_scale,
+            num_inference_steps=steps))
+        if seed is not None:
+            request.options.seed = seed
+        options = protocol.options_from_request(request)  # validates before anything loads
+        if checkpoint is None:
+            from gill.tiny import ensure_tiny_checkpoint
+
+            with console.status("building the tiny checkpoint (first use only)"):
+                checkpoint = ensure_tiny_checkpoint()
+        out.mkdir(parents=True, exist_ok=True)
+        if served:
+            from gill.serving.client import stream_turn
+            from gill.serving.server import TritonServer
+
+            with console.status(f"starting Triton with {checkpoint}"):
+                server = TritonServer(checkpoint)
+                server.start()
+            try:
+                console.print(f"[dim]served at {server.endpoints.grpc}[/dim]")
+                for event in stream_turn(server.endpoints.grpc, request):
+                    _render(event, out)
+            finally:
+                server.stop()
+        else:
+            from gill.pipeline import Pipeline
+
+            with console.status(f"loading {checkpoint}"):
+                pipeline = Pipeline.from_checkpoint(checkpoint, device=device)
+            for event in pipeline.stream(protocol.parts_from_request(request), options):
+                message = protocol.event_to_proto(event)
+                if message is not None:
+                    _render(message, out)
+    except (GillError, OSError) as error:
+        _fail(error)
+
+
+@app.command()
+def serve(
+    checkpoint: Annotated[Path | None, typer.Option(help="checkpoint directory (default: the tiny one)")] = None,
+    host: Annotated[str, typer.Option(help="address to bind; 0.0.0.0 to accept remote clients")] = "127.0.0.1",
+    grpc_port: Annotated[int, typer.Option(help="gRPC port (0: a free one)")] = 8001,
+    http_port: Annotated[int, typer.Option(help="HTTP port (0: a free one)")] = 8000,
+    metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port (0: a free one)")] = 8002,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for every model to be ready")] = 600.0,
+) -> None:
+    """Serve GILL with Triton: prepare the backend, start tritonserver, wait until every model is ready."""
+    import signal
+
+    from gill.serving.server import TritonServer
     from gill.tiny import ensure_tiny_checkpoint
 
     try:
-        options = GenerationOptions(
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-            min_word_tokens=min_word_tokens, ret_scale_factor=ret_scale_factor, gen_scale_factor=gen_scale_factor,
-            guidance_scale=guidance_scale, num_inference_steps=steps)
         if checkpoint is None:
             with console.status("building the tiny checkpoint (first use only)"):
                 checkpoint = ensure_tiny_checkpoint()
-        with console.status(f"loading {checkpoint}"):
-            pipeline = Pipeline.from_checkpoint(checkpoint, device=device)
-        parts: list = list(image or []) + [f"Q: {text}\nA:" if dialogue else text]
-        out.mkdir(parents=True, exist_ok=True)
-        for event in pipeline.stream(parts, options):
-            if isinstance(event, TextDelta):
-                sys.stdout.write(event.text)
-                sys.stdout.flush()
-            elif isinstance(event, DiffusionPreview):
-                console.print(f"[dim]denoising {event.step}/{event.total_steps}[/dim]")
-            elif isinstance(event, ImageResult):
-                path = out / f"image-{event.index}-{event.source}.png"
-                event.image.save(path)
-                where = f" from {event.url}" if event.url else ""
-                probabilities = (f", p(gen)={event.probabilities[0]:.2f} p(ret)={event.probabilities[1]:.2f}"
-                                 if event.probabilities else "")
-                print(f"\n[image {event.index}: {event.source}{where}, score {event.score:.3f}"
-                      f"{probabilities} -> {path}]")
-            elif isinstance(event, Done):
-                print()
-                console.print(f"[dim]{event.generated_tokens} tokens, stop: {event.stop_reason}, "
-                              f"{event.timings.get('total_s', 0):.2f} s[/dim]")
+        server = TritonServer(checkpoint, host, grpc_port, http_port, metrics_port)
+        with console.status(f"starting Triton with {checkpoint} (log: {server.log_path})"):
+            endpoints = server.start(timeout)
     except GillError as error:
         _fail(error)
+    print(f"gRPC    {endpoints.grpc}   (model 'gill': gill.v1.ChatRequest in, gill.v1.ChatEvent stream out)")
+    print(f"HTTP    {endpoints.http}")
+    print(f"metrics {endpoints.metrics}")
+    print(f"log     {server.log_path}")
+
+    def shut_down(signum, frame) -> None:
+        console.print(f"[dim]{signal.Signals(signum).name}: stopping Triton[/dim]")
+        server.stop()
+
+    signal.signal(signal.SIGINT, shut_down)
+    signal.signal(signal.SIGTERM, shut_down)
+    code = server.wait()
+    raise typer.Exit(0 if code in (0, -signal.SIGINT) else code)
 
 
 def _quiet_libraries() -> None:

@@ -1,0 +1,265 @@
+"""Integration tests: a real tritonserver on loopback, serving the tiny checkpoint, driven over gRPC."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import shutil
+import time
+
+import numpy as np
+import pytest
+import requests
+import torch
+import tritonclient.grpc as grpcclient
+from PIL import Image
+from safetensors.torch import save_file
+
+from gill import protocol
+from gill.events import ImageRequest
+from gill.images import png_bytes
+from gill.pipeline import Pipeline
+from gill.serving.client import stream_turn
+from gill.serving.server import ServeError, TritonServer
+from gill.tiny import shape_image
+from gill.v1 import dialogue_pb2 as pb
+
+PROMPT_GEN, PROMPT_RET = "draw a red circle", "find a photo of a cat"
+
+
+@pytest.fixture(scope="module")
+def served_dir(tiny_dir, tmp_path_factory):
+    """The tiny checkpoint with a decision head that generates for PROMPT_GEN and retrieves for PROMPT_RET.
+
+    A random head decides the same way for almost every prompt; this one separates two known [IMG0] states,
+    so the tests can check that the served branch follows the head.
+    """
+    directory = tmp_path_factory.mktemp("served") / "checkpoint"
+    shutil.copytree(tiny_dir, directory)
+    pipeline = Pipeline.from_checkpoint(directory, device="cpu", load_diffusion=False, load_retrieval=False)
+
+    def img0_state(text):
+        chat = request(user(text), ret_scale_factor=1e5, max_new_tokens=1)
+        stream = pipeline.stream(protocol.parts_from_request(chat), protocol.options_from_request(chat))
+        return next(e.hidden_states[0] for e in stream if isinstance(e, ImageRequest))
+
+    generate, retrieve = img0_state(PROMPT_GEN), img0_state(PROMPT_RET)
+    direction = (generate - retrieve) * 10 / (generate - retrieve).norm() ** 2  # margin of +-5 logits
+    offset = -float(direction @ (generate + retrieve)) / 2
+    save_file({"1.weight": torch.stack([direction, -direction]).contiguous(),
+               "1.bias": torch.tensor([offset, -offset])}, directory / "decision_model.safetensors")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def server(served_dir):
+    with TritonServer(served_dir) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def local(served_dir):
+    return Pipeline.from_checkpoint(served_dir, device="cpu")
+
+
+def request(*messages, **options) -> pb.ChatRequest:
+    chat = pb.ChatRequest()
+    for role, parts in messages:
+        message = chat.messages.add(role=role)
+        for part in parts:
+            if isinstance(part, str):
+                message.parts.add(text=part)
+            else:
+                message.parts.add(image=pb.Image(data=part, mime_type="image/png"))
+    for key, value in options.items():
+        setattr(chat.options, key, value)
+    return chat
+
+
+def user(*parts):
+    return (pb.ROLE_USER, parts)
+
+
+def assistant(*parts):
+    return (pb.ROLE_ASSISTANT, parts)
+
+
+def events(server, chat):
+    return list(stream_turn(server.endpoints.grpc, chat))
+
+
+def kinds(stream):
+    return [event.WhichOneof("event") for event in stream]
+
+
+def metric(server, name: str, **labels) -> float:
+    text = requests.get(server.endpoints.metrics, timeout=5).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+IMAGE = png_bytes(shape_image("green", "square", "white", 48))
+
+
+def test_server_is_ready_with_every_model(server):
+    for model in ("clip", "llm", "mapper", "retrieval", "diffusion", "tokenize", "gill", "text_to_image"):
+        assert requests.get(f"{server.endpoints.http}/v2/models/{model}/ready", timeout=5).status_code == 200
+
+
+def test_multi_turn_dialogue_with_an_image_streams_text_then_an_image(server):
+    chat = request(user(IMAGE, "what is this?"), assistant("a green square."), user("show me another one"),
+                   gen_scale_factor=1e5, min_word_tokens=4, num_inference_steps=3, seed=3)
+    stream = events(server, chat)
+    names = kinds(stream)
+    assert names[-1] == "done"
+    assert names.count("text") >= 3 and names.index("text") < names.index("image"), names
+    image = next(e.image for e in stream if e.WhichOneof("event") == "image")
+    assert image.png.startswith(b"\x89PNG")
+    assert image.source in (pb.IMAGE_SOURCE_GENERATED, pb.IMAGE_SOURCE_RETRIEVED)
+    done = stream[-1].done
+    assert done.generated_tokens == 32 and done.prompt_tokens > 4
+    assert done.text == "".join(e.text.text for e in stream if e.WhichOneof("event") == "text")
+
+
+def test_retrieval_or_generation_follows_the_decision_head(server, local):
+    for text, choice in ((PROMPT_GEN, "gen"), (PROMPT_RET, "ret")):
+        chat = request(user(text), ret_scale_factor=1e5, max_new_tokens=1, num_inference_steps=2, seed=0)
+        [expected] = local.run(protocol.parts_from_request(chat), protocol.options_from_request(chat)).images
+        assert expected.decision == choice
+        image = next(e.image for e in events(server, chat) if e.WhichOneof("event") == "image")
+        assert image.decision == (pb.DECISION_GENERATE if choice == "gen" else pb.DECISION_RETRIEVE)
+        assert image.source == (pb.IMAGE_SOURCE_GENERATED if choice == "gen" else pb.IMAGE_SOURCE_RETRIEVED)
+        assert (image.p_generate > 0.99) == (choice == "gen")
+        if choice == "ret":
+            assert image.url == expected.url and image.caption == expected.caption
+            assert image.score == pytest.approx(expected.score, abs=1e-4)
+
+
+@pytest.mark.parametrize("options", [
+    {"gen_scale_factor": 1e5, "min_word_tokens": 2, "num_inference_steps": 4, "seed": 11},
+    {"max_new_tokens": 12, "temperature": 0.8, "top_p": 0.9, "seed": 5, "max_images": 0},
+])
+def test_served_turn_equals_the_in_process_turn(server, local, options):
+    chat = request(user(IMAGE, "Q: what is in the picture?"), **options)
+    served = events(server, chat)
+    in_process = local.run(protocol.parts_from_request(chat), protocol.options_from_request(chat))
+    assert served[-1].done.text == in_process.text
+    assert served[-1].done.generated_tokens == in_process.done.generated_tokens
+    served_images = [e.image for e in served if e.WhichOneof("event") == "image"]
+    assert len(served_images) == len(in_process.images)
+    for got, expected in zip(served_images, in_process.images):
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(got.png))), np.asarray(expected.image))
+        assert got.score == pytest.approx(expected.score, abs=1e-4)
+
+
+def test_closing_the_stream_mid_diffusion_stops_denoising(server):
+    steps_before = metric(server, "gill_denoising_steps_total")
+    cancelled_before = metric(server, "gill_diffusion_requests_total", outcome="cancelled")
+    chat = request(user(PROMPT_GEN), ret_scale_factor=1e5, max_new_tokens=1, num_inference_steps=200,
+                   preview_every=1, seed=1)
+    turn = stream_turn(server.endpoints.grpc, chat)
+    previews = 0
+    for event in turn:
+        if event.WhichOneof("event") == "preview":
+            previews += 1
+            if previews == 2:
+                turn.cancel()
+                break
+    deadline = time.monotonic() + 30
+    while metric(server, "gill_diffusion_requests_total", outcome="cancelled") == cancelled_before:
+        assert time.monotonic() < deadline, "the diffusion model never saw the cancellation"
+        time.sleep(0.2)
+    steps = metric(server, "gill_denoising_steps_total") - steps_before
+    assert 2 <= steps < 200, f"{steps} denoising steps ran after a cancel at step 2"
+    # The log says where it stopped, and the next request is served normally.
+    assert re.search(r"diffusion .* cancelled after step \d+ of \d+", server.log_path.read_text())
+    follow_up = events(server, request(user("hello"), max_new_tokens=3, max_images=0))
+    assert kinds(follow_up)[-1] == "done"
+
+
+def _error(stream):
+    assert kinds(stream) == ["error"], kinds(stream)
+    return stream[0].error
+
+
+def _raw_events(server, data: bytes):
+    client = grpcclient.InferenceServerClient(server.endpoints.grpc)
+    results = []
+    client.start_stream(callback=lambda result, error: results.append((result, error)))
+    tensor = grpcclient.InferInput("REQUEST", [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([data], dtype=np.object_))
+    client.async_stream_infer("gill", [tensor])
+    client.stop_stream()
+    client.close()
+    out = []
+    for result, error in results:
+        assert error is None, error
+        output = result.as_numpy("EVENT")
+        if output is not None:
+            out.append(pb.ChatEvent.FromString(bytes(output.reshape(-1)[0])))
+    return out
+
+
+@pytest.mark.parametrize("chat, message", [
+    (request(), "no messages"),
+    (request(user(b"definitely not an image", "hi")), "image"),
+    (request(user("hi"), temperature=-1.0), "temperature"),
+    (request(user("hi"), num_inference_steps=100000), "num_inference_steps"),
+    (request(user("hi"), top_p=0.5), "top_p"),
+])
+def test_bad_requests_get_a_typed_error_and_the_server_keeps_serving(server, chat, message):
+    error = _error(events(server, chat))
+    assert error.code == pb.ERROR_CODE_INVALID_ARGUMENT
+    assert message in error.message
+    assert kinds(events(server, request(user("hello"), max_new_tokens=2, max_images=0)))[-1] == "done"
+
+
+def test_undecodable_request_bytes_get_a_typed_error(server):
+    error = _error(_raw_events(server, b"\xff\xff\xff not a protobuf"))
+    assert error.code == pb.ERROR_CODE_INVALID_ARGUMENT and "ChatRequest" in error.message
+
+
+def test_text_to_image_ensemble_returns_a_png(server):
+    client = grpcclient.InferenceServerClient(server.endpoints.grpc)
+    results = []
+    client.start_stream(callback=lambda result, error: results.append((result, error)))
+    text = grpcclient.InferInput("TEXT", [1], "BYTES")
+    text.set_data_from_numpy(np.array([b"a red circle on a blue background"], dtype=np.object_))
+    client.async_stream_infer("text_to_image", [text])
+    client.stop_stream()
+    client.close()
+    images = [r.as_numpy("IMAGE") for r, e in results if e is None and r.as_numpy("IMAGE") is not None]
+    assert [e for _, e in results if e is not None] == []
+    assert len(images) == 1 and bytes(images[0].reshape(-1)[0]).startswith(b"\x89PNG")
+
+
+def test_custom_metrics_count_tokens_images_and_decisions(server):
+    events(server, request(user("show me"), ret_scale_factor=1e5, max_new_tokens=2, num_inference_steps=2))
+    assert metric(server, "gill_tokens_generated_total") >= 2
+    assert metric(server, "gill_decisions_total") >= 1
+    assert metric(server, "gill_images_total") >= 1
+    assert metric(server, "gill_stage_seconds_total", stage="total") > 0
+
+
+def test_a_model_that_fails_to_load_is_reported_not_hung(tmp_path, tiny_dir):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    (broken / "gill_adapters.safetensors").write_bytes(b"not safetensors")
+    server = TritonServer(broken, models=("mapper",))
+    started = time.monotonic()
+    with pytest.raises(ServeError) as raised:
+        server.start(timeout=120)
+    assert time.monotonic() - started < 110
+    assert "gill_adapters.safetensors" in str(raised.value)
+    server.stop()
+
+
+def test_model_configs_take_the_checkpoint_as_a_parameter(server, served_dir):
+    for config in (server.work_dir / "models").glob("*/config.pbtxt"):
+        text = config.read_text()
+        if 'key: "checkpoint"' in text:
+            assert json.dumps(str(served_dir.resolve())) in text
