@@ -13,7 +13,7 @@ from rich.table import Table
 from gill.errors import GillError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="GILL: interleaved image-and-text dialogue.")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # soft wrap: paths in messages stay whole
 
 
 def _fail(error: Exception) -> None:
@@ -193,6 +193,7 @@ def serve(
     timeout: Annotated[float, typer.Option(help="seconds to wait for every model to be ready")] = 600.0,
 ) -> None:
     """Serve GILL with Triton: prepare the backend, start tritonserver, wait until every model is ready."""
+    import shutil
     import signal
 
     from gill.serving.server import TritonServer
@@ -214,12 +215,13 @@ def serve(
 
     def shut_down(signum, frame) -> None:
         console.print(f"[dim]{signal.Signals(signum).name}: stopping Triton[/dim]")
-        server.stop()
+        server.request_stop()
 
     signal.signal(signal.SIGINT, shut_down)
     signal.signal(signal.SIGTERM, shut_down)
     code = server.wait()
-    raise typer.Exit(0 if code in (0, -signal.SIGINT) else code)
+    shutil.rmtree(server.work_dir, ignore_errors=True)
+    raise typer.Exit(0 if code in (0, -signal.SIGINT, -signal.SIGTERM) else 1)
 
 
 def _quiet_libraries() -> None:

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,24 +174,44 @@ class TritonServer:
             return False
 
     def log_excerpt(self, lines: int = 25) -> str:
-        """The error lines and the end of the server log."""
+        """Why models failed (the failure lines of the server log), else the end of the log."""
         try:
             text = self.log_path.read_text(errors="replace").splitlines()
         except OSError:
             return "(no log)"
-        errors = [line for line in text if line.startswith("E") or "failed to load" in line or "Error" in line]
-        tail = text[-lines:]
-        return "\n".join(dict.fromkeys(errors[-lines:] + ["..."] + tail))
+        noise = ("CudaDriverHelper", "Failed to initialize NVML", "DCGM")
+        failures = [line for line in text if ("failed to load" in line or "UNAVAILABLE" in line
+                                              or line.startswith("E")) and not any(n in line for n in noise)]
+        return "\n".join(dict.fromkeys(failures[-lines:] or text[-lines:]))
+
+    def request_stop(self, grace: float = 30.0) -> None:
+        """Ask Triton to shut down cleanly (SIGINT) without waiting; SIGKILL its group after ``grace`` seconds.
+
+        Safe inside a signal handler while another thread (or the interrupted main thread) waits on it.
+        """
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGINT)
+        timer = threading.Timer(grace, self._kill)
+        timer.daemon = True
+        timer.start()
+
+    def _kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def stop(self, timeout: float = 30.0) -> None:
-        """SIGINT (Triton's clean shutdown), then SIGKILL for the whole process group if it hangs."""
+        """SIGINT (Triton's clean shutdown) and wait; SIGKILL the whole process group if it hangs."""
         if self.process is None or self.process.poll() is not None:
             return
         self.process.send_signal(signal.SIGINT)
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
+            self._kill()
             self.process.wait()
 
     def wait(self) -> int:

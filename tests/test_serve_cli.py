@@ -1,0 +1,59 @@
+"""`gill serve` as a user runs it: endpoints printed, SIGTERM stops Triton cleanly, load failures are readable."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+GILL = [sys.executable, "-m", "gill.cli"]
+
+
+def _serve(checkpoint: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([*GILL, "serve", "--checkpoint", str(checkpoint), "--grpc-port", "0", "--http-port", "0",
+                             "--metrics-port", "0", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def test_serve_prints_endpoints_and_stops_cleanly_on_sigterm(tiny_dir):
+    process = _serve(tiny_dir)
+    try:
+        lines = {}
+        deadline = time.monotonic() + 300
+        while "log" not in lines and time.monotonic() < deadline:
+            line = process.stdout.readline()
+            assert line, f"gill serve exited early: {process.stderr.read()}"
+            name, _, value = line.strip().partition(" ")
+            lines[name] = value.strip().split()[0]
+        assert {"gRPC", "HTTP", "metrics", "log"} <= set(lines)
+        assert lines["gRPC"].startswith("127.0.0.1:")
+        assert requests.get(f"{lines['HTTP']}/v2/health/ready", timeout=5).status_code == 200
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+        # Triton and its model stubs are gone with it.
+        time.sleep(1)
+        survivors = subprocess.run(["pgrep", "-s", str(process.pid)], capture_output=True, text=True).stdout.split()
+        assert survivors == []
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_serve_fails_fast_with_the_reason(tiny_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    (broken / "decision_model.safetensors").write_bytes(b"\x00" * 16)
+    process = _serve(broken)
+    try:
+        _, err = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 2
+    assert "decision_model.safetensors" in err and "Traceback" not in err
