@@ -123,14 +123,17 @@ class RemoteComponents:
                   _bytes("OPTIONS", [json.dumps(options.to_dict()).encode()])]
         if prompt.prefixes is not None:
             inputs.append(_array("VISUAL_PREFIX", prompt.prefixes))
-        for response in self._stream("llm", inputs, ["TOKEN", "FINISH_REASON", "IMG_STATES"], cancel):
+        for response in self._stream("llm", inputs, ["TOKENS", "FINISH_REASON", "IMG_STATES"], cancel):
             states = _output(response, "IMG_STATES")
             if states is not None:
                 yield ImageStates({0: torch.from_numpy(states[0].copy())})
                 continue
-            token = int(_output(response, "TOKEN")[0])
+            tokens = [int(token) for token in _output(response, "TOKENS")]
             reason = _output(response, "FINISH_REASON")[0].decode() or None
-            yield TokenStep([None if token < 0 else token], [reason])
+            if not tokens:  # a finish (for example a cancel) with no new token
+                yield TokenStep([None], [reason])
+            for position, token in enumerate(tokens):
+                yield TokenStep([token], [reason if position == len(tokens) - 1 else None])
 
     def _mapper(self, states: torch.Tensor, outputs: list[str]):
         return self._infer("mapper", [_array("IMG_STATES", states)], outputs)

@@ -17,7 +17,7 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from gill import protocol  # noqa: E402
 from gill.errors import InputError  # noqa: E402
-from gill.events import Done, ImageResult  # noqa: E402
+from gill.events import Done, ImageResult, TextDelta  # noqa: E402
 from gill.pipeline import Pipeline  # noqa: E402
 from gill.serving import backend  # noqa: E402
 from gill.serving.remote import RemoteComponents  # noqa: E402
@@ -25,7 +25,9 @@ from gill.serving.remote import RemoteComponents  # noqa: E402
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.pipeline = Pipeline(RemoteComponents(backend.parameters(args)["checkpoint"]))
+        params = backend.parameters(args)
+        self.pipeline = Pipeline(RemoteComponents(params["checkpoint"]))
+        self.interval = float(params.get("stream_interval_ms", "50")) / 1000
         self.turns = backend.Counter("gill_turns_total", "Dialogue turns by outcome")
         self.images = backend.Counter("gill_images_total", "Images shown, by source")
         self.stage_seconds = backend.Counter("gill_stage_seconds_total", "Seconds spent per stage")
@@ -50,7 +52,18 @@ class TritonPythonModel:
             chat = protocol.request_from_bytes(bytes(raw.reshape(-1)[0]))
             parts = protocol.parts_from_request(chat)
             options = protocol.options_from_request(chat)
+            pending, last_sent = [], 0.0
             for event in self.pipeline.stream(parts, options, cancel=request.is_cancelled):
+                if isinstance(event, TextDelta):
+                    # Text that arrives within the interval travels as one delta: each event costs a send.
+                    pending.append(event.text)
+                    if time.perf_counter() - last_sent < self.interval:
+                        continue
+                    event, pending = TextDelta("".join(pending)), []
+                elif pending:
+                    self._send(sender, protocol.event_to_proto(TextDelta("".join(pending))))
+                    pending = []
+                last_sent = time.perf_counter()
                 if isinstance(event, ImageResult):
                     self.images.add(source=event.source)
                 if isinstance(event, Done):

@@ -1,4 +1,4 @@
-"""llm: token ids with image slots (-1) + visual prefixes -> a stream of TOKEN / IMG_STATES responses."""
+"""llm: token ids with image slots (-1) + visual prefixes -> a stream of TOKENS / IMG_STATES responses."""
 
 import os
 import site
@@ -11,6 +11,7 @@ for _path in filter(None, os.environ.get("GILL_PYTHONPATH", "").split(os.pathsep
 sys.path[:] = [p for p in sys.path if p not in _before] + _before
 
 import json  # noqa: E402
+import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -25,7 +26,9 @@ from gill.serving import backend  # noqa: E402
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.model = GILL.from_checkpoint(backend.parameters(args)["checkpoint"], backend.device(args), parts=("lm",))
+        params = backend.parameters(args)
+        self.model = GILL.from_checkpoint(params["checkpoint"], backend.device(args), parts=("lm",))
+        self.interval = float(params.get("stream_interval_ms", "50")) / 1000
         self.decoder = Decoder(self.model.lm, self.model.tokens)
         self.cancels = backend.CancelRegistry()
         self.tokens_total = backend.Counter("gill_tokens_generated_total", "Tokens sampled by the LLM")
@@ -55,15 +58,27 @@ class TritonPythonModel:
                 sender.send(pb_utils.InferenceResponse([backend.tensor("IMG_STATES", states[None])]))
                 return
             options = GenerationOptions.from_dict(json.loads(backend.scalar(request, "OPTIONS", "{}")))
+            pending, last_sent = [], 0.0
+
+            def flush(reason: str) -> None:
+                nonlocal pending, last_sent
+                outputs = [backend.tensor("TOKENS", np.array(pending, dtype=np.int64)),
+                           backend.bytes_tensor("FINISH_REASON", [reason.encode()])]
+                sender.send(pb_utils.InferenceResponse(outputs))
+                pending, last_sent = [], time.monotonic()
+
             for step in self.decoder.stream([prompt], options, backend.checker(request, flag)):
                 if isinstance(step, TokenStep):
                     if step.tokens[0] is not None:
+                        pending.append(step.tokens[0])
                         self.tokens_total.add()
-                    outputs = [backend.tensor("TOKEN", np.array([-1 if step.tokens[0] is None else step.tokens[0]])),
-                               backend.bytes_tensor("FINISH_REASON", [(step.finished[0] or "").encode()])]
+                    reason = step.finished[0] or ""
+                    if reason or time.monotonic() - last_sent >= self.interval:
+                        flush(reason)
                 else:
-                    outputs = [backend.tensor("IMG_STATES", step.states[0][None])]
-                sender.send(pb_utils.InferenceResponse(outputs))
+                    if pending:
+                        flush("")
+                    sender.send(pb_utils.InferenceResponse([backend.tensor("IMG_STATES", step.states[0][None])]))
         except json.JSONDecodeError as error:
             raise InputError(f"OPTIONS is not valid JSON: {error}") from error
         finally:
