@@ -4,8 +4,9 @@ The ``tritonserver`` binary, the Python backend and a backend stub per Python ve
 ``nvidia-pytriton`` wheel. As measured on these machines (DESIGN.md): the stub for the running Python sits
 beside ``libtriton_python.so``; ``LD_LIBRARY_PATH`` starts with the interpreter's own ``LIBDIR`` (else the
 stub links the system's ``libpython`` and stdlib extensions fail), then the wheel's libraries. The stub
-ignores ``PYTHONPATH``, so the project environment travels as ``GILL_PYTHONPATH`` and each ``model.py``
-adds it. In Kubernetes the same repository runs in NVIDIA's Triton image instead.
+ignores ``PYTHONPATH``, so the backend folder (on every stub's path) gets a ``gill_environment`` module that
+adds the project's environment, and each ``model.py`` imports it when present. In Kubernetes the same
+repository runs in NVIDIA's Triton image instead.
 """
 
 from __future__ import annotations
@@ -73,8 +74,20 @@ def _pytriton_dir() -> Path:
     return Path(pytriton.__file__).resolve().parent / "tritonserver"
 
 
+_ENVIRONMENT_MODULE = '''"""Written by gill serve: the project's environment first on the stub's path."""
+import site
+import sys
+
+_before = list(sys.path)
+for _path in {paths!r}:
+    site.addsitedir(_path)  # runs the .pth files too (the editable install of gill)
+sys.path[:] = [p for p in sys.path if p not in _before] + _before
+'''
+
+
 def prepare_backend(target: Path) -> Path:
-    """A Python-backend folder with the stub for this interpreter; returns the backends directory."""
+    """A Python-backend folder with the stub for this interpreter, and ``gill_environment.py`` beside it
+    (the backend folder is on every stub's path); returns the backends directory."""
     source = _pytriton_dir()
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     stub = source / "python_backend_stubs" / version / "triton_python_backend_stub"
@@ -86,6 +99,8 @@ def prepare_backend(target: Path) -> Path:
         if item.is_file():
             shutil.copy2(item, python / item.name)
     shutil.copy2(stub, python / stub.name)
+    paths = [p for p in sys.path if p.endswith("site-packages")] + [str(PROJECT_ROOT)]
+    (python / "gill_environment.py").write_text(_ENVIRONMENT_MODULE.format(paths=list(dict.fromkeys(paths))))
     return target
 
 
@@ -109,8 +124,6 @@ def _environment() -> dict[str, str]:
     libs = _pytriton_dir().parent.parent / "nvidia_pytriton.libs"
     env["LD_LIBRARY_PATH"] = os.pathsep.join(
         p for p in (sysconfig.get_config_var("LIBDIR"), str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
-    paths = [p for p in sys.path if p.endswith("site-packages")] + [str(PROJECT_ROOT)]
-    env["GILL_PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     env.setdefault("TRANSFORMERS_VERBOSITY", "error")
     env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,14 +1,9 @@
 """clip: encoded image bytes [B, 1] -> PREFIX [B, n_visual_tokens, D] and RETRIEVAL_VECTOR [B, 256]."""
 
-import os
-import site
-import sys
+import contextlib
 
-# Triton starts the stub with its own interpreter paths; `gill serve` passes the project environment here.
-_before = list(sys.path)
-for _path in filter(None, os.environ.get("GILL_PYTHONPATH", "").split(os.pathsep)):
-    site.addsitedir(_path)
-sys.path[:] = [p for p in sys.path if p not in _before] + _before
+with contextlib.suppress(ImportError):  # `gill serve` adds the project's environment; Triton images install gill
+    import gill_environment  # noqa: F401
 
 import triton_python_backend_utils as pb_utils  # noqa: E402
 

@@ -1,14 +1,9 @@
 """llm: token ids with image slots (-1) + visual prefixes -> a stream of TOKENS / IMG_STATES responses."""
 
-import os
-import site
-import sys
+import contextlib
 
-# Triton starts the stub with its own interpreter paths; `gill serve` passes the project environment here.
-_before = list(sys.path)
-for _path in filter(None, os.environ.get("GILL_PYTHONPATH", "").split(os.pathsep)):
-    site.addsitedir(_path)
-sys.path[:] = [p for p in sys.path if p not in _before] + _before
+with contextlib.suppress(ImportError):  # `gill serve` adds the project's environment; Triton images install gill
+    import gill_environment  # noqa: F401
 
 import json  # noqa: E402
 import time  # noqa: E402
