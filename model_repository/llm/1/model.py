@@ -60,13 +60,14 @@ class TritonPythonModel:
                 outputs = [backend.tensor("TOKENS", np.array(pending, dtype=np.int64)),
                            backend.bytes_tensor("FINISH_REASON", [reason.encode()])]
                 sender.send(pb_utils.InferenceResponse(outputs))
+                if pending:  # a metric update is a message to the server too: one per response, not per token
+                    self.tokens_total.add(len(pending))
                 pending, last_sent = [], time.monotonic()
 
             for step in self.decoder.stream([prompt], options, backend.checker(request, flag)):
                 if isinstance(step, TokenStep):
                     if step.tokens[0] is not None:
                         pending.append(step.tokens[0])
-                        self.tokens_total.add()
                     reason = step.finished[0] or ""
                     if reason or time.monotonic() - last_sent >= self.interval:
                         flush(reason)
