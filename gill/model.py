@@ -7,7 +7,6 @@ unpickled, and any device works (CUDA in bf16 by default, the CPU in fp32).
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +26,6 @@ from gill.checkpoint import load_adapters, load_decision_head
 from gill.config import GILLArgs, resolve_source
 from gill.errors import CheckpointError, InputError
 from gill.tokens import SpecialTokens, load_tokenizer
-
-log = logging.getLogger(__name__)
 
 
 def default_device() -> torch.device:

@@ -18,9 +18,8 @@ import json
 import pickle
 import random
 from collections import OrderedDict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -58,7 +57,6 @@ class Preset:
     unet_channels: tuple[int, int]
     sd_image_size: int
     retrieval_images: int = 24
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 PRESETS = {
