@@ -115,6 +115,26 @@ def handle_control(request, registry: CancelRegistry) -> bool:
     return True
 
 
+def dispatch(requests, registry: CancelRegistry, name: str,
+             work: Callable[[Any, Any, Callable[[], bool]], None]) -> None:
+    """Serve decoupled requests: ``CANCEL`` control requests at once, every other one on its own thread as
+    ``work(request, sender, cancel)``, with ``cancel()`` true once the client or a control request cancels it."""
+    for request in requests:
+        if handle_control(request, registry):
+            continue
+        sender = request.get_response_sender()
+
+        def run(request=request, sender=sender) -> None:
+            request_id = request.request_id()
+            flag = registry.register(request_id)
+            try:
+                work(request, sender, checker(request, flag))
+            finally:
+                registry.release(request_id)
+
+        serve_in_thread(name, run, sender)
+
+
 def serve_in_thread(name: str, work: Callable[[], None], sender) -> None:
     """Run ``work`` on its own thread; a failure becomes an error response, and FINAL is always sent."""
 

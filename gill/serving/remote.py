@@ -28,6 +28,7 @@ from gill.images import load_image, png_bytes
 from gill.model import Decision
 from gill.options import GenerationOptions
 from gill.retrieval import RETRIEVAL_CANDIDATES, Hit
+from gill.serving import backend
 from gill.tokens import load_tokenizer
 
 CLIP_MAX_BATCH = 8  # model_repository/clip/config.pbtxt max_batch_size
@@ -46,16 +47,6 @@ def _check(response, model: str) -> None:
     if response.has_error():
         message = response.error().message()
         raise (InputError if "INVALID_ARG" in str(response.error().code()) else StageError)(f"{model}: {message}")
-
-
-def _array(name: str, value: np.ndarray | torch.Tensor):
-    if isinstance(value, torch.Tensor):
-        value = value.detach().float().cpu().numpy() if value.is_floating_point() else value.cpu().numpy()
-    return pb_utils.Tensor(name, np.ascontiguousarray(value))
-
-
-def _bytes(name: str, values: list[bytes]):
-    return pb_utils.Tensor(name, np.array(values, dtype=np.object_))
 
 
 class RemoteComponents:
@@ -77,8 +68,8 @@ class RemoteComponents:
 
     @staticmethod
     def _cancel(model: str, request_id: str) -> None:
-        request = pb_utils.InferenceRequest(model_name=model, inputs=[_bytes("CANCEL", [request_id.encode()])],
-                                            requested_output_names=[])
+        control = [backend.bytes_tensor("CANCEL", [request_id.encode()])]
+        request = pb_utils.InferenceRequest(model_name=model, inputs=control, requested_output_names=[])
         for _ in request.exec(decoupled=True):
             pass
 
@@ -119,10 +110,10 @@ class RemoteComponents:
 
     def decode(self, prompt: Prompt, options: GenerationOptions,
                cancel: CancelCheck | None) -> Iterator[TokenStep | ImageStates]:
-        inputs = [_array("INPUT_IDS", prompt.ids.to(torch.int64)),
-                  _bytes("OPTIONS", [json.dumps(options.to_dict()).encode()])]
+        inputs = [backend.tensor("INPUT_IDS", prompt.ids.to(torch.int64)),
+                  backend.bytes_tensor("OPTIONS", [json.dumps(options.to_dict()).encode()])]
         if prompt.prefixes is not None:
-            inputs.append(_array("VISUAL_PREFIX", prompt.prefixes))
+            inputs.append(backend.tensor("VISUAL_PREFIX", prompt.prefixes))
         for response in self._stream("llm", inputs, ["TOKENS", "FINISH_REASON", "IMG_STATES"], cancel):
             states = _output(response, "IMG_STATES")
             if states is not None:
@@ -136,7 +127,7 @@ class RemoteComponents:
                 yield TokenStep([token], [reason if position == len(tokens) - 1 else None])
 
     def _mapper(self, states: torch.Tensor, outputs: list[str]):
-        return self._infer("mapper", [_array("IMG_STATES", states)], outputs)
+        return self._infer("mapper", [backend.tensor("IMG_STATES", states)], outputs)
 
     def image_heads(self, states: torch.Tensor) -> tuple[torch.Tensor, Decision]:
         response = self._mapper(states, ["RETRIEVAL_VECTOR", "DECISION_PROBS"])
@@ -153,8 +144,9 @@ class RemoteComponents:
     def retrieve(self, query: torch.Tensor, exclude: frozenset[int]) -> tuple[Hit, Image.Image] | None:
         response = self._infer(
             "retrieval",
-            [_array("QUERY", query.reshape(-1)), _array("TOP_K", np.array([RETRIEVAL_CANDIDATES], dtype=np.int32)),
-             _array("EXCLUDE", np.array(sorted(exclude), dtype=np.int64))],
+            [backend.tensor("QUERY", query.reshape(-1)),
+             backend.tensor("TOP_K", np.array([RETRIEVAL_CANDIDATES], dtype=np.int32)),
+             backend.tensor("EXCLUDE", np.array(sorted(exclude), dtype=np.int64))],
             ["IDS", "SCORES", "URLS", "CAPTIONS", "IMAGES"])
         rows = zip(_output(response, "IDS"), _output(response, "SCORES"), _output(response, "URLS"),
                    _output(response, "CAPTIONS"), _output(response, "IMAGES"), strict=True)
@@ -167,13 +159,13 @@ class RemoteComponents:
     def generate(self, prompt_embeds: torch.Tensor, options: GenerationOptions, cancel: Callable[[], bool],
                  on_preview: PreviewCallback) -> Image.Image | None:
         inputs = [
-            _array("PROMPT_EMBEDS", prompt_embeds.reshape(1, *prompt_embeds.shape[-2:])),
-            _array("GUIDANCE_SCALE", np.array([options.guidance_scale], dtype=np.float32)),
-            _array("STEPS", np.array([options.num_inference_steps], dtype=np.int32)),
-            _array("SEED", np.array([-1 if options.seed is None else options.seed], dtype=np.int64)),
-            _array("PREVIEW_EVERY", np.array([options.preview_every], dtype=np.int32)),
+            backend.tensor("PROMPT_EMBEDS", prompt_embeds.reshape(1, *prompt_embeds.shape[-2:])),
+            backend.tensor("GUIDANCE_SCALE", np.array([options.guidance_scale], dtype=np.float32)),
+            backend.tensor("STEPS", np.array([options.num_inference_steps], dtype=np.int32)),
+            backend.tensor("SEED", np.array([-1 if options.seed is None else options.seed], dtype=np.int64)),
+            backend.tensor("PREVIEW_EVERY", np.array([options.preview_every], dtype=np.int32)),
             # A response every step, so the cancellation check below runs every step.
-            _array("PROGRESS", np.array([True])),
+            backend.tensor("PROGRESS", np.array([True])),
         ]
         for response in self._stream("diffusion", inputs, ["IMAGE", "PREVIEW", "STEP", "TOTAL_STEPS"], cancel):
             image = _output(response, "IMAGE")

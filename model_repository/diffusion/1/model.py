@@ -33,52 +33,44 @@ class TritonPythonModel:
         self.outcomes = backend.Counter("gill_diffusion_requests_total", "Diffusion requests by outcome")
 
     def execute(self, requests):
-        for request in requests:
-            if not backend.handle_control(request, self.cancels):
-                sender = request.get_response_sender()
-                backend.serve_in_thread("gill-diffusion", lambda r=request, s=sender: self._serve(r, s), sender)
+        backend.dispatch(requests, self.cancels, "gill-diffusion", self._serve)
         return None
 
-    def _serve(self, request, sender) -> None:
-        request_id = request.request_id()
-        flag = self.cancels.register(request_id)
-        try:
-            embeds = backend.required_input(request, "PROMPT_EMBEDS")
-            expected = (1, self.args.num_clip_tokens, self.args.gen_emb_dim)
-            if embeds.shape != expected:
-                raise InputError(f"PROMPT_EMBEDS has shape {list(embeds.shape)}; expected {list(expected)}")
-            seed = int(backend.scalar(request, "SEED", -1))
-            options = GenerationOptions(  # validates the ranges
-                guidance_scale=float(backend.scalar(request, "GUIDANCE_SCALE", 7.5)),
-                num_inference_steps=int(backend.scalar(request, "STEPS", 50)),
-                preview_every=int(backend.scalar(request, "PREVIEW_EVERY", 0)),
-                seed=None if seed < 0 else seed)
-            progress = bool(backend.scalar(request, "PROGRESS", False))
-            done = [0, 0]
+    def _serve(self, request, sender, cancel) -> None:
+        embeds = backend.required_input(request, "PROMPT_EMBEDS")
+        expected = (1, self.args.num_clip_tokens, self.args.gen_emb_dim)
+        if embeds.shape != expected:
+            raise InputError(f"PROMPT_EMBEDS has shape {list(embeds.shape)}; expected {list(expected)}")
+        seed = int(backend.scalar(request, "SEED", -1))
+        options = GenerationOptions(  # validates the ranges
+            guidance_scale=float(backend.scalar(request, "GUIDANCE_SCALE", 7.5)),
+            num_inference_steps=int(backend.scalar(request, "STEPS", 50)),
+            preview_every=int(backend.scalar(request, "PREVIEW_EVERY", 0)),
+            seed=None if seed < 0 else seed)
+        progress = bool(backend.scalar(request, "PROGRESS", False))
+        done = [0, 0]
 
-            def on_step(step: int, total: int) -> None:
-                done[:] = [step, total]
-                self.steps.add()
-                if progress:
-                    sender.send(pb_utils.InferenceResponse(self._progress(step, total)))
+        def on_step(step: int, total: int) -> None:
+            done[:] = [step, total]
+            self.steps.add()
+            if progress:
+                sender.send(pb_utils.InferenceResponse(self._progress(step, total)))
 
-            def on_preview(step: int, total: int, image) -> None:
-                outputs = self._progress(step, total) + [backend.bytes_tensor("PREVIEW", [png_bytes(image)])]
-                sender.send(pb_utils.InferenceResponse(outputs))
+        def on_preview(step: int, total: int, image) -> None:
+            outputs = self._progress(step, total) + [backend.bytes_tensor("PREVIEW", [png_bytes(image)])]
+            sender.send(pb_utils.InferenceResponse(outputs))
 
-            image = self.generator.generate(
-                torch.from_numpy(np.ascontiguousarray(embeds)), guidance_scale=options.guidance_scale,
-                num_inference_steps=options.num_inference_steps, seed=options.seed,
-                cancel=backend.checker(request, flag), on_preview=on_preview, preview_every=options.preview_every,
-                on_step=on_step)
-            if image is None:
-                self.outcomes.add(outcome="cancelled")
-                pb_utils.Logger.log_info(f"diffusion {request_id!r} cancelled after step {done[0]} of {done[1]}")
-                return
-            self.outcomes.add(outcome="completed")
-            sender.send(pb_utils.InferenceResponse([backend.bytes_tensor("IMAGE", [png_bytes(image)])]))
-        finally:
-            self.cancels.release(request_id)
+        image = self.generator.generate(
+            torch.from_numpy(np.ascontiguousarray(embeds)), guidance_scale=options.guidance_scale,
+            num_inference_steps=options.num_inference_steps, seed=options.seed,
+            cancel=cancel, on_preview=on_preview, preview_every=options.preview_every,
+            on_step=on_step)
+        if image is None:
+            self.outcomes.add(outcome="cancelled")
+            pb_utils.Logger.log_info(f"diffusion {request.request_id()!r} cancelled after step {done[0]} of {done[1]}")
+            return
+        self.outcomes.add(outcome="completed")
+        sender.send(pb_utils.InferenceResponse([backend.bytes_tensor("IMAGE", [png_bytes(image)])]))
 
     @staticmethod
     def _progress(step: int, total: int) -> list:

@@ -29,10 +29,7 @@ class TritonPythonModel:
         self.tokens_total = backend.Counter("gill_tokens_generated_total", "Tokens sampled by the LLM")
 
     def execute(self, requests):
-        for request in requests:
-            if not backend.handle_control(request, self.cancels):
-                sender = request.get_response_sender()
-                backend.serve_in_thread("gill-llm", lambda r=request, s=sender: self._serve(r, s), sender)
+        backend.dispatch(requests, self.cancels, "gill-llm", self._serve)
         return None
 
     def _prompt(self, request) -> torch.Tensor:
@@ -43,39 +40,35 @@ class TritonPythonModel:
         prefixes = None if prefix is None or prefix.size == 0 else torch.from_numpy(prefix.copy())
         return self.model.embed_prompt(torch.from_numpy(ids.astype(np.int64)), prefixes)
 
-    def _serve(self, request, sender) -> None:
-        request_id = request.request_id()
-        flag = self.cancels.register(request_id)
+    def _serve(self, request, sender, cancel) -> None:
+        prompt = self._prompt(request)
+        if backend.scalar(request, "FORCE_IMAGE", False):
+            states = self.decoder.image_states(prompt)
+            sender.send(pb_utils.InferenceResponse([backend.tensor("IMG_STATES", states[None])]))
+            return
         try:
-            prompt = self._prompt(request)
-            if backend.scalar(request, "FORCE_IMAGE", False):
-                states = self.decoder.image_states(prompt)
-                sender.send(pb_utils.InferenceResponse([backend.tensor("IMG_STATES", states[None])]))
-                return
             options = GenerationOptions.from_dict(json.loads(backend.scalar(request, "OPTIONS", "{}")))
-            pending, last_sent = [], 0.0
-
-            def flush(reason: str) -> None:
-                nonlocal pending, last_sent
-                outputs = [backend.tensor("TOKENS", np.array(pending, dtype=np.int64)),
-                           backend.bytes_tensor("FINISH_REASON", [reason.encode()])]
-                sender.send(pb_utils.InferenceResponse(outputs))
-                if pending:  # a metric update is a message to the server too: one per response, not per token
-                    self.tokens_total.add(len(pending))
-                pending, last_sent = [], time.monotonic()
-
-            for step in self.decoder.stream([prompt], options, backend.checker(request, flag)):
-                if isinstance(step, TokenStep):
-                    if step.tokens[0] is not None:
-                        pending.append(step.tokens[0])
-                    reason = step.finished[0] or ""
-                    if reason or time.monotonic() - last_sent >= self.interval:
-                        flush(reason)
-                else:
-                    if pending:
-                        flush("")
-                    sender.send(pb_utils.InferenceResponse([backend.tensor("IMG_STATES", step.states[0][None])]))
         except json.JSONDecodeError as error:
             raise InputError(f"OPTIONS is not valid JSON: {error}") from error
-        finally:
-            self.cancels.release(request_id)
+        pending, last_sent = [], 0.0
+
+        def flush(reason: str) -> None:
+            nonlocal pending, last_sent
+            outputs = [backend.tensor("TOKENS", np.array(pending, dtype=np.int64)),
+                       backend.bytes_tensor("FINISH_REASON", [reason.encode()])]
+            sender.send(pb_utils.InferenceResponse(outputs))
+            if pending:  # a metric update is a message to the server too: one per response, not per token
+                self.tokens_total.add(len(pending))
+            pending, last_sent = [], time.monotonic()
+
+        for step in self.decoder.stream([prompt], options, cancel):
+            if isinstance(step, TokenStep):
+                if step.tokens[0] is not None:
+                    pending.append(step.tokens[0])
+                reason = step.finished[0] or ""
+                if reason or time.monotonic() - last_sent >= self.interval:
+                    flush(reason)
+            else:
+                if pending:
+                    flush("")
+                sender.send(pb_utils.InferenceResponse([backend.tensor("IMG_STATES", step.states[0][None])]))
