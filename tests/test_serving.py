@@ -186,17 +186,26 @@ def _error(stream):
     return stream[0].error
 
 
-def _raw_events(server, data: bytes):
+def _stream_results(server, model: str, inputs: list) -> list:
+    """(result, error) pairs of one raw streaming call, once the stream has ended."""
     client = grpcclient.InferenceServerClient(server.endpoints.grpc)
     results = []
     client.start_stream(callback=lambda result, error: results.append((result, error)))
-    tensor = grpcclient.InferInput("REQUEST", [1], "BYTES")
-    tensor.set_data_from_numpy(np.array([data], dtype=np.object_))
-    client.async_stream_infer("gill", [tensor])
+    client.async_stream_infer(model, inputs)
     client.stop_stream()
     client.close()
+    return results
+
+
+def _bytes_input(name: str, data: bytes):
+    tensor = grpcclient.InferInput(name, [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([data], dtype=np.object_))
+    return tensor
+
+
+def _raw_events(server, data: bytes):
     out = []
-    for result, error in results:
+    for result, error in _stream_results(server, "gill", [_bytes_input("REQUEST", data)]):
         assert error is None, error
         output = result.as_numpy("EVENT")
         if output is not None:
@@ -224,16 +233,9 @@ def test_undecodable_request_bytes_get_a_typed_error(server):
 
 
 def test_text_to_image_ensemble_returns_a_png(server):
-    client = grpcclient.InferenceServerClient(server.endpoints.grpc)
-    results = []
-    client.start_stream(callback=lambda result, error: results.append((result, error)))
-    text = grpcclient.InferInput("TEXT", [1], "BYTES")
-    text.set_data_from_numpy(np.array([b"a red circle on a blue background"], dtype=np.object_))
-    client.async_stream_infer("text_to_image", [text])
-    client.stop_stream()
-    client.close()
-    images = [r.as_numpy("IMAGE") for r, e in results if e is None and r.as_numpy("IMAGE") is not None]
+    results = _stream_results(server, "text_to_image", [_bytes_input("TEXT", b"a red circle on a blue background")])
     assert [e for _, e in results if e is not None] == []
+    images = [r.as_numpy("IMAGE") for r, _ in results if r.as_numpy("IMAGE") is not None]
     assert len(images) == 1 and bytes(images[0].reshape(-1)[0]).startswith(b"\x89PNG")
 
 
