@@ -5,10 +5,11 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test install lint bench
 
-$(BIN)/gill: pyproject.toml
+# client/ is the light gill-client package (wire contract + typed client); the server package depends on it.
+$(BIN)/gill: pyproject.toml client/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ./client -e ".[dev]"
 	touch $@
 
 install: $(BIN)/gill
@@ -22,7 +23,8 @@ test: install
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check gill tests bench
+	$(BIN)/ruff check gill tests bench client protos
+	cd client && ../$(BIN)/mypy
 
 bench: install
 	$(BIN)/python bench/kv_cache.py

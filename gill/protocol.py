@@ -19,7 +19,7 @@ from gill.errors import InputError
 from gill.events import DiffusionPreview, Done, Event, ImageRequest, ImageResult, TextDelta
 from gill.images import png_bytes
 from gill.options import GenerationOptions
-from gill.v1 import dialogue_pb2 as pb
+from gill_client.v1 import dialogue_pb2 as pb
 
 if TYPE_CHECKING:
     from gill.pipeline import Part

@@ -1,12 +1,17 @@
-"""Regenerate the Python code of the wire contract (``gill/v1/*_pb2.py`` and typed ``*_pb2.pyi`` stubs).
+"""Regenerate the Python code of the wire contract (``*_pb2.py`` and typed ``*_pb2.pyi`` stubs).
 
-Run with the project's virtualenv (it provides ``grpc_tools`` and mypy-protobuf's ``protoc-gen-mypy``)::
+The code lives in the light client package, ``client/src/gill_client/v1/``, which the server (``gill``) also
+imports: one copy of the contract for both sides. Run with the project's virtualenv (it provides
+``grpc_tools`` and mypy-protobuf's ``protoc-gen-mypy``)::
 
-    .venv/bin/python protos/generate.py            # write into the repository (gill/v1/)
+    .venv/bin/python protos/generate.py            # write into the repository (client/src/gill_client/v1/)
     .venv/bin/python protos/generate.py --check    # exit 1, listing stale files, if the committed code differs
-    .venv/bin/python protos/generate.py --out DIR  # write under DIR instead (DIR/gill/v1/...)
+    .venv/bin/python protos/generate.py --out DIR  # write under DIR instead (DIR/gill_client/v1/...)
 
-Output depends only on the .proto files and the pinned grpcio-tools / mypy-protobuf versions.
+``protos/gill/v1/x.proto`` (proto package ``gill.v1``) compiles to the Python module
+``gill_client.v1.x_pb2``: protoc names modules after the file's path, so the files are compiled from a
+temporary copy laid out as ``gill_client/v1/``. Output depends only on the .proto files and the pinned
+grpcio-tools / mypy-protobuf versions.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ from pathlib import Path
 
 PROTO_ROOT = Path(__file__).resolve().parent
 REPO_ROOT = PROTO_ROOT.parent
-PACKAGE_DIRS = ("gill/v1",)  # proto packages laid out as directories under protos/
+# proto package directory under protos/ -> Python package directory it compiles to
+PACKAGES = {"gill/v1": "gill_client/v1"}
+DEFAULT_OUT = REPO_ROOT / "client" / "src"
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi")
 
 
@@ -30,7 +37,7 @@ def _note(proto: str) -> str:
 
 def proto_files() -> list[str]:
     """Proto paths relative to ``protos/`` (the import root), sorted for a stable order."""
-    return sorted(p.relative_to(PROTO_ROOT).as_posix() for d in PACKAGE_DIRS for p in (PROTO_ROOT / d).glob("*.proto"))
+    return sorted(p.relative_to(PROTO_ROOT).as_posix() for d in PACKAGES for p in (PROTO_ROOT / d).glob("*.proto"))
 
 
 def _mypy_plugin() -> str:
@@ -44,8 +51,15 @@ def _mypy_plugin() -> str:
     return found
 
 
+def _python_path(proto: str) -> str:
+    """``gill/v1/dialogue.proto`` -> ``gill_client/v1/dialogue.proto`` (where its module lives)."""
+    directory, _, name = proto.rpartition("/")
+    return f"{PACKAGES[directory]}/{name}"
+
+
 def generate(out: Path) -> list[Path]:
-    """Generate into ``out`` (files land in ``out/gill/v1/``); returns the written files, relative to ``out``."""
+    """Generate into ``out`` (files land in ``out/gill_client/v1/``); returns the written files, relative to
+    ``out``."""
     import grpc_tools
     from grpc_tools import protoc
 
@@ -54,13 +68,19 @@ def generate(out: Path) -> list[Path]:
         raise SystemExit(f"no .proto files under {PROTO_ROOT}")
     well_known = Path(grpc_tools.__file__).parent / "_proto"
     out.mkdir(parents=True, exist_ok=True)
-    args = ["grpc_tools.protoc", f"-I{PROTO_ROOT}", f"-I{well_known}", f"--plugin=protoc-gen-mypy={_mypy_plugin()}",
-            f"--python_out={out}", f"--mypy_out={out}", *(str(PROTO_ROOT / p) for p in protos)]
-    if protoc.main(args) != 0:
-        raise SystemExit("protoc failed (see the messages above)")
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp)
+        for proto in protos:
+            target = staged / _python_path(proto)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(PROTO_ROOT / proto, target)
+        args = ["grpc_tools.protoc", f"-I{staged}", f"-I{well_known}", f"--plugin=protoc-gen-mypy={_mypy_plugin()}",
+                f"--python_out={out}", f"--mypy_out={out}", *(str(staged / _python_path(p)) for p in protos)]
+        if protoc.main(args) != 0:
+            raise SystemExit("protoc failed (see the messages above)")
     written = []
     for proto in protos:
-        stem = proto.removesuffix(".proto")
+        stem = _python_path(proto).removesuffix(".proto")
         for suffix in GENERATED_SUFFIXES:
             path = out / f"{stem}{suffix}"
             path.write_text(_note(proto) + path.read_text(encoding="utf-8"), encoding="utf-8")
@@ -80,7 +100,7 @@ def check(target: Path) -> list[str]:
             elif not filecmp.cmp(committed, Path(tmp) / rel, shallow=False):
                 problems.append(f"{rel} (differs)")
         expected = {rel.as_posix() for rel in fresh}
-        for d in PACKAGE_DIRS:
+        for d in PACKAGES.values():
             for suffix in GENERATED_SUFFIXES:
                 for path in sorted((target / d).glob(f"*{suffix}")):
                     name = path.relative_to(target).as_posix()
@@ -91,8 +111,8 @@ def check(target: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=REPO_ROOT,
-                        help="root to write into; files land in OUT/gill/v1/ (default: the repository)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help="root to write into; files land in OUT/gill_client/v1/ (default: client/src)")
     parser.add_argument("--check", action="store_true",
                         help="do not write; exit 1 listing the files under OUT that are stale")
     args = parser.parse_args(argv)

@@ -26,7 +26,7 @@ from gill.protocol import (
     parts_from_request,
     request_from_bytes,
 )
-from gill.v1 import dialogue_pb2 as pb
+from gill_client.v1 import dialogue_pb2 as pb
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -333,13 +333,14 @@ def test_generated_code_is_up_to_date() -> None:
 
 
 def test_check_reports_stale_and_missing_files(tmp_path: Path) -> None:
-    (tmp_path / "gill" / "v1").mkdir(parents=True)
-    stale = tmp_path / "gill" / "v1" / "dialogue_pb2.py"
-    stale.write_text((REPO / "gill" / "v1" / "dialogue_pb2.py").read_text() + "# edited\n")
-    (tmp_path / "gill" / "v1" / "old_pb2.py").write_text("")
+    package = tmp_path / "gill_client" / "v1"
+    package.mkdir(parents=True)
+    (package / "dialogue_pb2.py").write_text((REPO / "client" / "src" / "gill_client" / "v1" / "dialogue_pb2.py")
+                                             .read_text() + "# edited\n")
+    (package / "old_pb2.py").write_text("")
     result = subprocess.run([sys.executable, str(REPO / "protos" / "generate.py"), "--check", "--out", str(tmp_path)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
-    assert "gill/v1/dialogue_pb2.py (differs)" in result.stderr
-    assert "gill/v1/dialogue_pb2.pyi (missing)" in result.stderr
-    assert "gill/v1/old_pb2.py (no .proto generates it)" in result.stderr
+    assert "gill_client/v1/dialogue_pb2.py (differs)" in result.stderr
+    assert "gill_client/v1/dialogue_pb2.pyi (missing)" in result.stderr
+    assert "gill_client/v1/old_pb2.py (no .proto generates it)" in result.stderr

@@ -1,0 +1,231 @@
+"""What the sync and asyncio clients share: addresses, TLS, headers, the wire encoding of a turn on Triton's
+``ModelStreamInfer``, status mapping, and the per-turn retry and deadline bookkeeping.
+
+A turn is one bidirectional ``ModelStreamInfer`` call carrying one request, so cancelling the call cancels
+exactly that request on the server (Triton then flags it cancelled and the ``gill`` model stops). The
+tritonclient high-level stream API keeps one stream per client and, in asyncio, cannot ask for the final
+flag; the generated service stubs over one shared channel give per-call deadlines, headers and cancel.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from tritonclient.grpc import service_pb2
+
+from gill_client.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    GillClientError,
+    Internal,
+    NotFound,
+    Unauthenticated,
+    Unavailable,
+    error_for,
+)
+from gill_client.events import Done, Event, from_proto
+from gill_client.options import RetryPolicy
+from gill_client.reply import ReplyBuilder
+from gill_client.v1 import dialogue_pb2 as pb
+
+DEFAULT_MODEL = "gill"
+DEFAULT_TIMEOUT_S = 600.0
+# Triton's restricted-protocol header for the key `gill serve --api-key` sets (Triton prefixes gRPC keys).
+API_KEY_HEADER = "triton-grpc-protocol-x-api-key"
+_MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # a request with images, or a turn's event with a PNG, fits easily
+_STREAM_METHOD_HINT = "is this the server's gRPC port (8001 by default)?"
+
+
+@dataclass(frozen=True)
+class TLS:
+    """TLS settings: ``root_certificates`` (PEM) to trust instead of the system's, ``private_key`` and
+    ``certificate_chain`` (PEM) for mutual TLS, ``server_name`` to expect instead of the URL's host."""
+
+    root_certificates: bytes | None = None
+    private_key: bytes | None = None
+    certificate_chain: bytes | None = None
+    server_name: str | None = None
+
+    @classmethod
+    def from_files(cls, ca: str | Path | None = None, key: str | Path | None = None,
+                   cert: str | Path | None = None, server_name: str | None = None) -> TLS:
+        """Returns TLS settings read from PEM files (any of them may be None)."""
+
+        def read(path: str | Path | None) -> bytes | None:
+            return Path(path).read_bytes() if path is not None else None
+
+        return cls(read(ca), read(key), read(cert), server_name)
+
+
+def parse_url(url: str, tls: bool | TLS) -> tuple[str, TLS | None]:
+    """Returns the gRPC target (``host:port``) and TLS settings (None for plaintext) of ``url``: ``host:port``
+    or ``grpc://host:port`` is plaintext unless ``tls`` is set, ``grpcs://host:port`` is TLS. Raises ValueError
+    for other schemes (an ``http://`` URL is the HTTP port, not gRPC)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    if scheme not in ("", "grpc", "grpcs"):
+        raise ValueError(f"{url!r}: use host:port, grpc://host:port or grpcs://host:port (the gRPC port, 8001 by "
+                         f"default; {scheme}:// is not gRPC)")
+    target = rest.rstrip("/")
+    if not target or "/" in target:
+        raise ValueError(f"{url!r}: expected host:port")
+    if ":" not in target.rsplit("]", 1)[-1]:
+        target += ":8001"
+    settings = tls if isinstance(tls, TLS) else (TLS() if tls or scheme == "grpcs" else None)
+    return target, settings
+
+
+def channel_options(tls: TLS | None) -> list[tuple[str, Any]]:
+    """Returns the channel options: large messages, quick reconnects (the retry policy paces attempts, not
+    gRPC's own one-second-and-up reconnect backoff), keepalive for long turns behind proxies."""
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 2000),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_permit_without_calls", 0),
+    ]
+    if tls is not None and tls.server_name:
+        options.append(("grpc.ssl_target_name_override", tls.server_name))
+    return options
+
+
+def credentials(tls: TLS) -> grpc.ChannelCredentials:
+    """Returns the channel credentials of ``tls``."""
+    return grpc.ssl_channel_credentials(tls.root_certificates, tls.private_key, tls.certificate_chain)
+
+
+def metadata(api_key: str | None, header: str) -> tuple[tuple[str, str], ...]:
+    """Returns the call headers: the API key when one is set."""
+    return ((header, api_key),) if api_key else ()
+
+
+def infer_request(model: str, chat: pb.ChatRequest) -> service_pb2.ModelInferRequest:
+    """Returns the Triton request of one turn: the serialized ``ChatRequest`` as the one-element BYTES input
+    ``REQUEST`` (Triton's BYTES wire form: 4-byte little-endian length, then the bytes), asking for the
+    empty final response so a stream that ends without ``Done`` is noticed."""
+    data = chat.SerializeToString()
+    request = service_pb2.ModelInferRequest(
+        model_name=model,
+        id=chat.request_id,
+        inputs=[service_pb2.ModelInferRequest.InferInputTensor(name="REQUEST", datatype="BYTES", shape=[1])],
+        raw_input_contents=[struct.pack("<I", len(data)) + data],
+    )
+    request.parameters["triton_enable_empty_final_response"].bool_param = True
+    return request
+
+
+def chat_event(response: Any, request_id: str) -> tuple[pb.ChatEvent | None, bool]:
+    """Returns the ``ChatEvent`` in one ``ModelStreamInferResponse`` (None for the empty final one) and whether
+    it is the request's final response. Raises a typed error for a Triton error response."""
+    if response.error_message:
+        raise _triton_error(response.error_message, request_id)
+    infer = response.infer_response
+    final = bool(infer.parameters["triton_final_response"].bool_param) if "triton_final_response" in \
+        infer.parameters else False
+    if not infer.raw_output_contents:
+        return None, final
+    raw = infer.raw_output_contents[0]
+    (length,) = struct.unpack_from("<I", raw)
+    return pb.ChatEvent.FromString(raw[4:4 + length]), final
+
+
+def _triton_error(message: str, request_id: str | None) -> GillClientError:
+    if "unknown model" in message or "is not found" in message:
+        return NotFound(f"{message} (is this a GILL server? the dialogue model is 'gill')", request_id)
+    return Internal(message, request_id)
+
+
+def rpc_error(error: grpc.RpcError, target: str, request_id: str | None = None,
+              timeout: float | None = None) -> GillClientError:
+    """Returns the typed error of a failed call; the message says what to do where there is something to do."""
+    code = error.code() if isinstance(error, grpc.Call) else None
+    details = (error.details() if isinstance(error, grpc.Call) else None) or str(error)
+    if code == grpc.StatusCode.UNAVAILABLE and "restricted" in details:
+        # Triton answers a missing or wrong restricted-protocol header with UNAVAILABLE; it is not transient.
+        return Unauthenticated(f"the server at {target} requires an API key: pass api_key= (or --api-key); "
+                               f"the server said: {details}", request_id)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return Unavailable(f"cannot reach the GILL server at {target}: {details} "
+                           f"(is it running? {_STREAM_METHOD_HINT})", request_id)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        limit = f" of {timeout:g} s" if timeout is not None else ""
+        return DeadlineExceeded(f"the turn did not finish within its deadline{limit}; it was cancelled on the "
+                                f"server (raise timeout= for long generations)", request_id)
+    if code == grpc.StatusCode.CANCELLED:
+        return Cancelled(f"the call was cancelled: {details}", request_id)
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        return NotFound(f"{target} does not serve Triton's gRPC inference API ({details}); {_STREAM_METHOD_HINT}",
+                        request_id)
+    return error_for(code.name if code is not None else "UNKNOWN", details, request_id)
+
+
+class Turn:
+    """The bookkeeping of one turn over its attempts: deadline, retries, events received, the reply so far."""
+
+    def __init__(self, target: str, request_id: str, timeout: float | None, retry: RetryPolicy) -> None:
+        self.target = target
+        self.request_id = request_id
+        self.timeout = timeout
+        self.retry = retry
+        self.deadline = time.monotonic() + timeout if timeout is not None else None
+        self.attempt = 0
+        self.received = False
+        self.cancelled = False
+        self.builder = ReplyBuilder()
+
+    def remaining(self) -> float | None:
+        """Returns the seconds left until the deadline (None without one); raises DeadlineExceeded at zero."""
+        if self.deadline is None:
+            return None
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded(f"the turn did not finish within its deadline of {self.timeout:g} s",
+                                   self.request_id)
+        return left
+
+    def event(self, response: Any) -> tuple[Event | None, bool]:
+        """Returns the typed event of one response (None if it carries none) and whether the turn is over.
+        Raises the server's typed error, or Internal if the stream ends without ``Done``."""
+        message, final = chat_event(response, self.request_id)
+        event = from_proto(message, self.request_id) if message is not None else None
+        if event is not None:
+            self.received = True
+            self.builder.add(event)
+        if isinstance(event, Done):
+            return event, True
+        if final:
+            raise Internal("the server ended the turn without a Done event; see its log", self.request_id)
+        return event, False
+
+    def ended_early(self) -> GillClientError:
+        """Returns the error for a stream that closed before the turn ended."""
+        return Internal("the server closed the stream before the turn ended; see its log", self.request_id)
+
+    def failure(self, error: grpc.RpcError) -> tuple[GillClientError, float | None]:
+        """Returns the typed error of a failed attempt and the seconds to wait before retrying it, or None when
+        it must not be retried: only UNAVAILABLE before the first event, with attempts and time left."""
+        if self.cancelled:
+            return Cancelled("cancelled by the client", self.request_id), None
+        mapped = rpc_error(error, self.target, self.request_id, self.timeout)
+        if type(mapped) is not Unavailable or self.received or self.attempt + 1 >= self.retry.attempts:
+            return mapped, None
+        wait = self.retry.backoff(self.attempt + 1)
+        if self.deadline is not None and time.monotonic() + wait >= self.deadline:
+            return mapped, None
+        self.attempt += 1
+        return mapped, wait
+
+
+def call_options(turn: Turn, headers: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """Returns the keyword arguments of one ``ModelStreamInfer`` attempt: the time left, and the headers."""
+    return {"timeout": turn.remaining(), "metadata": tuple(headers)}

@@ -1,0 +1,189 @@
+"""The blocking client: :class:`GillClient` and the :class:`ChatStream` of one turn."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from gill_client import _transport as transport
+from gill_client.conversation import Conversation
+from gill_client.errors import Unavailable
+from gill_client.events import Event
+from gill_client.messages import Messages, build_request
+from gill_client.options import ChatOptions, RetryPolicy
+from gill_client.reply import Reply
+from gill_client.v1 import dialogue_pb2 as pb
+
+log = logging.getLogger("gill_client")
+_UNSET: Any = object()
+
+
+class ChatStream:
+    """One turn in flight. Iterate it (once) for typed events; leaving the loop early, :meth:`cancel` (from any
+    thread) or leaving a ``with`` block cancels the request on the server. Failures raise
+    :class:`~gill_client.errors.GillClientError` subclasses."""
+
+    def __init__(self, stub: Any, target: str, model: str, request: pb.ChatRequest,
+                 headers: tuple[tuple[str, str], ...], timeout: float | None, retry: RetryPolicy,
+                 on_done: Callable[[Reply], None] | None = None) -> None:
+        self.request_id = request.request_id
+        self._stub, self._headers, self._on_done = stub, headers, on_done
+        self._request = transport.infer_request(model, request)
+        self._turn = transport.Turn(target, request.request_id, timeout, retry)
+        self._call: Any = None
+        self._lock = threading.Lock()
+        self._woken = threading.Event()
+        self._started = False
+
+    def __iter__(self) -> Iterator[Event]:
+        """Yields the turn's events until ``Done`` (inclusive); raises the typed error of a failed turn."""
+        if self._started:
+            raise RuntimeError("a ChatStream can be iterated once; call chat() again for another turn")
+        self._started = True
+        return self._events()
+
+    def _events(self) -> Iterator[Event]:
+        turn = self._turn
+        try:
+            while True:
+                call = self._stub.ModelStreamInfer(iter((self._request,)),
+                                                   **transport.call_options(turn, self._headers))
+                with self._lock:
+                    self._call = call
+                    if turn.cancelled:
+                        call.cancel()
+                try:
+                    for response in call:
+                        event, finished = turn.event(response)
+                        if event is not None:
+                            yield event
+                        if finished:
+                            if self._on_done is not None:
+                                self._on_done(turn.builder.reply())
+                            return
+                    raise turn.ended_early()
+                except grpc.RpcError as error:
+                    mapped, wait = turn.failure(error)
+                    if wait is None:
+                        raise mapped from None
+                    log.warning("turn %s: %s; retry %d of %d in %.2f s", turn.request_id, mapped.message,
+                                turn.attempt, turn.retry.attempts - 1, wait)
+                    if self._woken.wait(wait):
+                        raise turn.failure(error)[0] from None
+        finally:
+            self.cancel()
+
+    def cancel(self) -> None:
+        """Cancel the turn on the server (a no-op once it ended)."""
+        with self._lock:
+            self._turn.cancelled = True
+            call = self._call
+        self._woken.set()
+        if call is not None:
+            call.cancel()
+
+    def collect(self) -> Reply:
+        """Consume the whole stream; returns the :class:`Reply` (text, images in order, ``Done``)."""
+        for _ in self:
+            pass
+        return self._turn.builder.reply()
+
+    def __enter__(self) -> ChatStream:
+        """Returns the stream; the block's end cancels it if it is still running."""
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cancel()
+
+
+class GillClient:
+    """A blocking client of a GILL Triton server over one gRPC channel; thread-safe, turns may overlap.
+
+    ``url`` is ``host:port`` (the gRPC port) or ``grpcs://host:port`` for TLS; ``tls`` (True or a
+    :class:`~gill_client.TLS`) forces TLS; ``api_key`` is sent with every call in ``api_key_header``;
+    ``timeout`` is each turn's default deadline in seconds (None: none); ``retry`` paces retries of turns that
+    could not start (UNAVAILABLE before the first event). Close it, or use it as a context manager.
+    """
+
+    def __init__(self, url: str = "localhost:8001", *, api_key: str | None = None, tls: bool | transport.TLS = False,
+                 model: str = transport.DEFAULT_MODEL, timeout: float | None = transport.DEFAULT_TIMEOUT_S,
+                 retry: RetryPolicy | None = None, options: ChatOptions | None = None,
+                 api_key_header: str = transport.API_KEY_HEADER) -> None:
+        self.target, tls_settings = transport.parse_url(url, tls)
+        self.model, self.timeout = model, timeout
+        self.retry = retry or RetryPolicy()
+        self.options = options or ChatOptions()
+        self._headers = transport.metadata(api_key, api_key_header)
+        channel_options = transport.channel_options(tls_settings)
+        self._channel = (grpc.secure_channel(self.target, transport.credentials(tls_settings), channel_options)
+                         if tls_settings is not None else grpc.insecure_channel(self.target, channel_options))
+        self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+
+    def chat(self, messages: Messages, options: ChatOptions | None = None, *, timeout: float | None = _UNSET,
+             request_id: str | None = None) -> ChatStream:
+        """Start a turn; returns its :class:`ChatStream` (iterate it for events).
+
+        ``messages`` is the conversation ending with a user message: a ``str`` (one user text), a
+        :class:`~gill_client.Message` or a list of them (see :func:`~gill_client.user`). ``options`` override
+        the client's. ``timeout`` overrides the client's deadline for this turn.
+        """
+        return self._chat(messages, options, timeout, request_id, None)
+
+    def _chat(self, messages: Messages, options: ChatOptions | None, timeout: float | None, request_id: str | None,
+              on_done: Callable[[Reply], None] | None) -> ChatStream:
+        request = build_request(messages, self.options.merged(options), request_id or uuid.uuid4().hex)
+        return ChatStream(self._stub, self.target, self.model, request, self._headers,
+                          self.timeout if timeout is _UNSET else timeout, self.retry, on_done)
+
+    def conversation(self, options: ChatOptions | None = None) -> Conversation:
+        """Returns a :class:`~gill_client.Conversation` that keeps the history (text and images) across turns."""
+        return Conversation(self, options)
+
+    def live(self, timeout: float = 5.0) -> bool:
+        """Returns whether the server answers its liveness check (False when it cannot be reached)."""
+        return self._health(lambda: self._stub.ServerLive(service_pb2.ServerLiveRequest(), timeout=timeout,
+                                                          metadata=self._headers).live)
+
+    def ready(self, timeout: float = 5.0) -> bool:
+        """Returns whether the server and its dialogue model are ready for turns (False when unreachable)."""
+        return self._health(lambda: self._stub.ServerReady(
+            service_pb2.ServerReadyRequest(), timeout=timeout, metadata=self._headers).ready and self._stub.ModelReady(
+            service_pb2.ModelReadyRequest(name=self.model), timeout=timeout, metadata=self._headers).ready)
+
+    def wait_until_ready(self, timeout: float = 300.0, interval: float = 0.5) -> None:
+        """Block until :meth:`ready`; raises :class:`~gill_client.errors.Unavailable` after ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        while not self.ready(timeout=min(5.0, interval * 4)):
+            if time.monotonic() >= deadline:
+                raise Unavailable(f"the GILL server at {self.target} was not ready within {timeout:g} s")
+            time.sleep(interval)
+
+    def _health(self, check: Callable[[], bool]) -> bool:
+        try:
+            return bool(check())
+        except grpc.RpcError as error:
+            mapped = transport.rpc_error(error, self.target)
+            if type(mapped) in (Unavailable,) or mapped.code in ("DEADLINE_EXCEEDED", "NOT_FOUND"):
+                return False
+            raise mapped from None
+
+    def close(self) -> None:
+        """Close the channel; turns in flight are cancelled."""
+        self._channel.close()
+
+    def __enter__(self) -> GillClient:
+        """Returns the client; the block's end closes it."""
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+
