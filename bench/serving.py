@@ -5,7 +5,7 @@
 
 One request, sent both ways in one run on this machine: a text-only user message, greedy, images off
 (``max_images=0``). Served: ``tritonserver`` with every model of ``model_repository/`` (``TritonServer``),
-called over gRPC with ``gill.serving.client.stream_turn``. In-process: ``Pipeline.from_checkpoint`` in this
+called over gRPC with the typed client (``gill_client.GillClient``). In-process: ``Pipeline.from_checkpoint`` in this
 process, fed the parts and options that ``gill.protocol`` builds from the same request (as the ``gill``
 model does). The two paths take turns and never run at the same time; the script checks both produce the
 same text and token count before it reports the ratios. Issue target: served tokens/s >= 0.9x in-process.
@@ -28,9 +28,11 @@ import torch
 from gill import protocol
 from gill.events import Done, TextDelta
 from gill.pipeline import Pipeline
-from gill.serving.client import stream_turn
 from gill.serving.server import TritonServer
-from gill.v1 import dialogue_pb2 as pb
+from gill_client import ChatOptions, GillClient, Message, user
+from gill_client import Done as WireDone
+from gill_client import TextDelta as WireText
+from gill_client.messages import build_request
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kv_cache import record, small_checkpoint  # noqa: E402  (the same checkpoint and docs writer)
@@ -50,32 +52,21 @@ class Turn:
     timings: dict[str, float] = field(default_factory=dict)  # the pipeline's own, from Done
 
 
-def make_request(prompt: str, new_tokens: int) -> pb.ChatRequest:
-    return pb.ChatRequest(
-        messages=[pb.Message(role=pb.ROLE_USER, parts=[pb.Part(text=prompt)])],
-        options=pb.Options(max_new_tokens=new_tokens, temperature=0.0, max_images=0),
-    )
-
-
-def served_turn(url: str, request: pb.ChatRequest) -> Turn:
+def served_turn(client: GillClient, message: Message, options: ChatOptions) -> Turn:
     pieces: list[str] = []
     first = None
     start = time.perf_counter()
-    for event in stream_turn(url, request):
-        kind = event.WhichOneof("event")
-        if kind == "text":
+    for event in client.chat(message, options):
+        if isinstance(event, WireText):
             if first is None:
                 first = time.perf_counter() - start
-            pieces.append(event.text.text)
-        elif kind == "error":
-            raise RuntimeError(f"served turn failed: {pb.ErrorCode.Name(event.error.code)}: {event.error.message}")
-        elif kind == "done":
+            pieces.append(event.text)
+        elif isinstance(event, WireDone):
             wall = time.perf_counter() - start
-            done = event.done
-            assert "".join(pieces) == done.text, "served text deltas must add up to Done.text"
+            assert "".join(pieces) == event.text, "served text deltas must add up to Done.text"
             if first is None:
                 raise RuntimeError("served turn produced no text event; cannot measure time to first token")
-            return Turn(wall, first, done.text, done.generated_tokens, dict(done.timings))
+            return Turn(wall, first, event.text, event.generated_tokens, dict(event.timings))
     raise RuntimeError("served stream ended without a Done event")
 
 
@@ -116,7 +107,9 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="record the result in docs/benchmarks.md")
     args = parser.parse_args()
 
-    request = make_request(args.prompt, args.new_tokens)
+    message = user(args.prompt)
+    chat_options = ChatOptions(max_new_tokens=args.new_tokens, temperature=0.0, max_images=0)
+    request = build_request(message, chat_options)
     parts = protocol.parts_from_request(request)  # exactly what the gill model feeds its pipeline
     options = protocol.options_from_request(request)
     assert options.max_new_tokens == args.new_tokens and options.max_images == 0 and options.temperature == 0
@@ -137,7 +130,8 @@ def main() -> None:
         endpoints = server.start(timeout=600)
         print(f"server ready in {time.perf_counter() - started:.0f} s at {endpoints.grpc}", flush=True)
         version = triton_version(endpoints.http)
-        served_warm = served_turn(endpoints.grpc, request)
+        client = GillClient(endpoints.grpc)
+        served_warm = served_turn(client, message, chat_options)
         print(f"served warm-up: {served_warm.generated_tokens} tokens in {served_warm.wall_s:.2f} s", flush=True)
         time.sleep(SETTLE_S)
         for rep in range(args.repeats):
@@ -145,12 +139,13 @@ def main() -> None:
             order = ("served", "local") if rep % 2 == 0 else ("local", "served")
             for path in order:
                 if path == "served":
-                    served.append(served_turn(endpoints.grpc, request))
+                    served.append(served_turn(client, message, chat_options))
                 else:
                     local.append(local_turn(pipeline, parts, options))
                 time.sleep(SETTLE_S)
             print(f"rep {rep + 1}/{args.repeats}: served {served[-1].wall_s:.2f} s, "
                   f"in-process {local[-1].wall_s:.2f} s", flush=True)
+        client.close()
     finally:
         server.stop()
         shutil.rmtree(server.work_dir, ignore_errors=True)
@@ -195,7 +190,7 @@ def main() -> None:
         "|---|---:|---:|---:|---:|---:|",
         f"| in-process (`Pipeline.stream`) | {local_wall:.2f} | {local_rate:.1f} | {local_ttft * 1e3:.0f} "
         f"| 1.00x | 1.00x |",
-        f"| served (Triton gRPC, `stream_turn`) | {served_wall:.2f} | {served_rate:.1f} | {served_ttft * 1e3:.0f} "
+        f"| served (Triton gRPC, `GillClient`) | {served_wall:.2f} | {served_rate:.1f} | {served_ttft * 1e3:.0f} "
         f"| {rate_ratio:.2f}x | {ttft_ratio:.2f}x |",
         "",
         f"The tokens/s ratio is served over in-process throughput for the same {tokens} tokens, the median of "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -90,34 +89,6 @@ def download(
         _fail(error)
 
 
-def _render(event, out: Path) -> None:
-    """Print one gill.v1.ChatEvent the way a terminal user wants to see it."""
-    from gill.v1 import dialogue_pb2 as pb
-
-    kind = event.WhichOneof("event")
-    if kind == "text":
-        sys.stdout.write(event.text.text)
-        sys.stdout.flush()
-    elif kind == "preview":
-        console.print(f"[dim]denoising {event.preview.step}/{event.preview.total_steps}[/dim]")
-    elif kind == "image":
-        image = event.image
-        source = "retrieved" if image.source == pb.IMAGE_SOURCE_RETRIEVED else "generated"
-        path = out / f"image-{image.index}-{source}.png"
-        path.write_bytes(image.png)
-        where = f" from {image.url}" if image.url else ""
-        score = f", score {image.score:.3f}" if image.HasField("score") else ""
-        probabilities = (f", p(gen)={image.p_generate:.2f} p(ret)={image.p_retrieve:.2f}"
-                         if image.HasField("p_generate") else "")
-        print(f"\n[image {image.index}: {source}{where}{score}{probabilities} -> {path}]")
-    elif kind == "done":
-        print()
-        console.print(f"[dim]{event.done.generated_tokens} tokens, stop: {event.done.stop_reason}, "
-                      f"{event.done.timings.get('total_s', 0):.2f} s[/dim]")
-    elif kind == "error":
-        raise GillError(f"{pb.ErrorCode.Name(event.error.code)}: {event.error.message}")
-
-
 @app.command()
 def run(
     text: Annotated[str, typer.Argument(help="the user's message (sent as 'Q: {text}\\nA:' like the reference demo)")],
@@ -139,17 +110,19 @@ def run(
 ) -> None:
     """Run one dialogue turn, in-process or served: stream the text, save the images, say where each came from."""
     from gill import protocol
-    from gill.v1 import dialogue_pb2 as pb
+    from gill_client import ChatOptions, GillClient, GillClientError, user
+    from gill_client.chat import Renderer
+    from gill_client.events import from_proto
+    from gill_client.messages import build_request
 
+    message = user(*(image or []), text)
+    chat_options = ChatOptions(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+        min_word_tokens=min_word_tokens, ret_scale_factor=ret_scale_factor, gen_scale_factor=gen_scale_factor,
+        guidance_scale=guidance_scale, num_inference_steps=steps)
+    renderer = Renderer(out)
     try:
-        parts = [pb.Part(image=pb.Image(data=path.read_bytes())) for path in image or []]
-        request = pb.ChatRequest(messages=[pb.Message(role=pb.ROLE_USER, parts=[*parts, pb.Part(text=text)])])
-        request.options.CopyFrom(pb.Options(
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, min_word_tokens=min_word_tokens,
-            ret_scale_factor=ret_scale_factor, gen_scale_factor=gen_scale_factor, guidance_scale=guidance_scale,
-            num_inference_steps=steps))
-        if seed is not None:
-            request.options.seed = seed
+        request = build_request([message], chat_options)
         options = protocol.options_from_request(request)  # validates before anything loads
         if checkpoint is None:
             from gill.tiny import ensure_tiny_checkpoint
@@ -157,8 +130,8 @@ def run(
             with console.status("building the tiny checkpoint (first use only)"):
                 checkpoint = ensure_tiny_checkpoint()
         out.mkdir(parents=True, exist_ok=True)
+        renderer.start()
         if served:
-            from gill.serving.client import stream_turn
             from gill.serving.server import TritonServer
 
             with console.status(f"starting Triton with {checkpoint}"):
@@ -166,8 +139,11 @@ def run(
                 server.start()
             try:
                 console.print(f"[dim]served at {server.endpoints.grpc}[/dim]")
-                for event in stream_turn(server.endpoints.grpc, request):
-                    _render(event, out)
+                with GillClient(server.endpoints.grpc) as client:
+                    for event in client.chat([message], chat_options):
+                        renderer(event)
+            except GillClientError as error:
+                raise GillError(str(error)) from None
             finally:
                 server.stop()
         else:
@@ -176,11 +152,22 @@ def run(
             with console.status(f"loading {checkpoint}"):
                 pipeline = Pipeline.from_checkpoint(checkpoint, device=device)
             for event in pipeline.stream(protocol.parts_from_request(request), options):
-                message = protocol.event_to_proto(event)
-                if message is not None:
-                    _render(message, out)
+                wire = protocol.event_to_proto(event)
+                typed = from_proto(wire) if wire is not None else None
+                if typed is not None:
+                    renderer(typed)
     except (GillError, OSError) as error:
         _fail(error)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+             add_help_option=False)
+def chat(context: typer.Context) -> None:
+    """Talk to a running server: one message (gill chat "text" --image PATH) or a conversation (gill chat).
+    Run gill chat --help for the options."""
+    from gill_client.chat import main as chat_main
+
+    raise typer.Exit(chat_main(context.args, prog="gill chat"))
 
 
 @app.command()
@@ -191,6 +178,8 @@ def serve(
     http_port: Annotated[int, typer.Option(help="HTTP port (0: a free one)")] = 8000,
     metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port (0: a free one)")] = 8002,
     timeout: Annotated[float, typer.Option(help="seconds to wait for every model to be ready")] = 600.0,
+    api_key: Annotated[str | None, typer.Option(envvar="GILL_API_KEY", show_envvar=True,
+                                                help="require this key on every call but health checks")] = None,
 ) -> None:
     """Serve GILL with Triton: prepare the backend, start tritonserver, wait until every model is ready."""
     import shutil
@@ -203,7 +192,7 @@ def serve(
         if checkpoint is None:
             with console.status("building the tiny checkpoint (first use only)"):
                 checkpoint = ensure_tiny_checkpoint()
-        server = TritonServer(checkpoint, host, grpc_port, http_port, metrics_port)
+        server = TritonServer(checkpoint, host, grpc_port, http_port, metrics_port, api_key=api_key)
         with console.status(f"starting Triton with {checkpoint} (log: {server.log_path})"):
             endpoints = server.start(timeout)
     except GillError as error:
@@ -212,6 +201,9 @@ def serve(
     print(f"HTTP    {endpoints.http}")
     print(f"metrics {endpoints.metrics}")
     print(f"log     {server.log_path}")
+    if api_key:
+        print("auth    API key required: gRPC header triton-grpc-protocol-x-api-key, HTTP header x-api-key "
+              "(health checks stay open)")
 
     def shut_down(signum, frame) -> None:
         console.print(f"[dim]{signal.Signals(signum).name}: stopping Triton[/dim]")

@@ -33,6 +33,10 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 MODEL_REPOSITORY = PROJECT_ROOT / "model_repository"
 # The dialogue model needs every other one; the ensemble is for Triton's own tools.
 ALL_MODELS = ("clip", "llm", "mapper", "retrieval", "diffusion", "tokenize", "gill", "text_to_image")
+# Every gRPC protocol and HTTP API but health: liveness and readiness probes stay open, all else needs the key.
+RESTRICTED = "metadata,inference,shared-memory,model-config,model-repository,statistics,trace,logging"
+API_KEY_HEADER = "x-api-key"
+_API_KEY = re.compile(r"[A-Za-z0-9._~+/-]{16,256}")
 _CHECKPOINT_PARAMETER = re.compile(r'(key:\s*"checkpoint"\s*value:\s*\{\s*string_value:\s*)"[^"]*"')
 
 
@@ -134,8 +138,13 @@ class TritonServer:
     """``tritonserver`` on a prepared repository; a context manager that stops the server on exit."""
 
     def __init__(self, checkpoint: str | Path, host: str = "127.0.0.1", grpc_port: int = 0, http_port: int = 0,
-                 metrics_port: int = 0, models: tuple[str, ...] = ALL_MODELS, work_dir: Path | None = None) -> None:
+                 metrics_port: int = 0, models: tuple[str, ...] = ALL_MODELS, work_dir: Path | None = None,
+                 api_key: str | None = None) -> None:
+        if api_key is not None and not _API_KEY.fullmatch(api_key):
+            raise ServeError("an API key must be 16 to 256 characters of letters, digits and . _ ~ + / - "
+                             "(for example: python -c 'import secrets; print(secrets.token_urlsafe(32))')")
         self.checkpoint = Path(checkpoint)
+        self.api_key = api_key
         self.endpoints = Endpoints(host, grpc_port or free_port(host), http_port or free_port(host),
                                    metrics_port or free_port(host))
         self.models = models
@@ -157,7 +166,15 @@ class TritonServer:
             "--exit-timeout-secs=10",
             # Model load includes torch imports and weights; the default 30 s is short on two cores.
             "--backend-config=python,stub-timeout-seconds=120",
+            *self._restrictions(),
         ]
+
+    def _restrictions(self) -> list[str]:
+        """With an API key, every request but health checks must carry it in the ``x-api-key`` header."""
+        if self.api_key is None:
+            return []
+        rule = f"{RESTRICTED}:{API_KEY_HEADER}={self.api_key}"
+        return [f"--grpc-restricted-protocol={rule}", f"--http-restricted-api={rule}"]
 
     def start(self, timeout: float = 300.0) -> Endpoints:
         """Start and wait until every model is ready; raises :class:`ServeError` with the log excerpt."""
