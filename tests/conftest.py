@@ -1,4 +1,4 @@
-"""Shared fixtures: one tiny checkpoint and one loaded pipeline per test session."""
+"""Shared fixtures: one tiny checkpoint, one loaded pipeline and one Triton server per test session."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from wire import API_KEY, PROMPT_GEN, PROMPT_RET, request, user
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -40,3 +41,44 @@ def decision_bias(pipeline):
     yield force
     with torch.no_grad():
         head[1].bias.copy_(saved)
+
+
+@pytest.fixture(scope="session")
+def served_dir(tiny_dir, tmp_path_factory):
+    """The tiny checkpoint with a decision head that generates for PROMPT_GEN and retrieves for PROMPT_RET.
+
+    A random head decides the same way for almost every prompt; this one separates two known [IMG0] states,
+    so the tests can check that the served branch follows the head.
+    """
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from gill import protocol
+    from gill.events import ImageRequest
+    from gill.pipeline import Pipeline
+
+    directory = tmp_path_factory.mktemp("served") / "checkpoint"
+    shutil.copytree(tiny_dir, directory)
+    pipeline = Pipeline.from_checkpoint(directory, device="cpu", load_diffusion=False, load_retrieval=False)
+
+    def img0_state(text):
+        chat = request(user(text), ret_scale_factor=1e5, max_new_tokens=1)
+        stream = pipeline.stream(protocol.parts_from_request(chat), protocol.options_from_request(chat))
+        return next(e.hidden_states[0] for e in stream if isinstance(e, ImageRequest))
+
+    generate, retrieve = img0_state(PROMPT_GEN), img0_state(PROMPT_RET)
+    direction = (generate - retrieve) * 10 / (generate - retrieve).norm() ** 2  # margin of +-5 logits
+    offset = -float(direction @ (generate + retrieve)) / 2
+    save_file({"1.weight": torch.stack([direction, -direction]).contiguous(),
+               "1.bias": torch.tensor([offset, -offset])}, directory / "decision_model.safetensors")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def server(served_dir):
+    """tritonserver on loopback with every model, requiring wire.API_KEY on everything but health checks."""
+    from gill.serving.server import TritonServer
+
+    with TritonServer(served_dir, api_key=API_KEY) as running:
+        yield running

@@ -174,7 +174,7 @@ def test_gill_run_streams_and_saves_the_image(tiny_dir, tmp_path):
                                  "--gen-scale-factor", "100000", "--steps", "3", "--seed", "1", "--device", "cpu",
                                  "--image", str(tiny_dir / "retrieval_images" / "00000.png")])
     assert result.exit_code == 0, result.output
-    saved = list(tmp_path.glob("image-0-*.png"))
+    saved = list(tmp_path.glob("turn1-image0-*.png"))
     assert len(saved) == 1
     assert ("retrieved" in saved[0].name) == ("from retrieval_images/" in result.output)
     assert "stop:" in result.output or "tokens" in result.output

@@ -11,95 +11,22 @@ import time
 import numpy as np
 import pytest
 import requests
-import torch
 import tritonclient.grpc as grpcclient
 from PIL import Image
-from safetensors.torch import save_file
+from wire import API_KEY, PROMPT_GEN, PROMPT_RET, assistant, events, kinds, metric, open_turn, request, user
 
 from gill import protocol
-from gill.events import ImageRequest
 from gill.images import png_bytes
 from gill.pipeline import Pipeline
-from gill.serving.client import stream_turn
 from gill.serving.server import ServeError, TritonServer
 from gill.tiny import shape_image
-from gill.v1 import dialogue_pb2 as pb
-
-PROMPT_GEN, PROMPT_RET = "draw a red circle", "find a photo of a cat"
-
-
-@pytest.fixture(scope="module")
-def served_dir(tiny_dir, tmp_path_factory):
-    """The tiny checkpoint with a decision head that generates for PROMPT_GEN and retrieves for PROMPT_RET.
-
-    A random head decides the same way for almost every prompt; this one separates two known [IMG0] states,
-    so the tests can check that the served branch follows the head.
-    """
-    directory = tmp_path_factory.mktemp("served") / "checkpoint"
-    shutil.copytree(tiny_dir, directory)
-    pipeline = Pipeline.from_checkpoint(directory, device="cpu", load_diffusion=False, load_retrieval=False)
-
-    def img0_state(text):
-        chat = request(user(text), ret_scale_factor=1e5, max_new_tokens=1)
-        stream = pipeline.stream(protocol.parts_from_request(chat), protocol.options_from_request(chat))
-        return next(e.hidden_states[0] for e in stream if isinstance(e, ImageRequest))
-
-    generate, retrieve = img0_state(PROMPT_GEN), img0_state(PROMPT_RET)
-    direction = (generate - retrieve) * 10 / (generate - retrieve).norm() ** 2  # margin of +-5 logits
-    offset = -float(direction @ (generate + retrieve)) / 2
-    save_file({"1.weight": torch.stack([direction, -direction]).contiguous(),
-               "1.bias": torch.tensor([offset, -offset])}, directory / "decision_model.safetensors")
-    return directory
-
-
-@pytest.fixture(scope="module")
-def server(served_dir):
-    with TritonServer(served_dir) as running:
-        yield running
+from gill_client import _transport as transport
+from gill_client.v1 import dialogue_pb2 as pb
 
 
 @pytest.fixture(scope="module")
 def local(served_dir):
     return Pipeline.from_checkpoint(served_dir, device="cpu")
-
-
-def request(*messages, **options) -> pb.ChatRequest:
-    chat = pb.ChatRequest()
-    for role, parts in messages:
-        message = chat.messages.add(role=role)
-        for part in parts:
-            if isinstance(part, str):
-                message.parts.add(text=part)
-            else:
-                message.parts.add(image=pb.Image(data=part, mime_type="image/png"))
-    for key, value in options.items():
-        setattr(chat.options, key, value)
-    return chat
-
-
-def user(*parts):
-    return (pb.ROLE_USER, parts)
-
-
-def assistant(*parts):
-    return (pb.ROLE_ASSISTANT, parts)
-
-
-def events(server, chat):
-    return list(stream_turn(server.endpoints.grpc, chat))
-
-
-def kinds(stream):
-    return [event.WhichOneof("event") for event in stream]
-
-
-def metric(server, name: str, **labels) -> float:
-    text = requests.get(server.endpoints.metrics, timeout=5).text
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 IMAGE = png_bytes(shape_image("green", "square", "white", 48))
@@ -161,10 +88,11 @@ def test_closing_the_stream_mid_diffusion_stops_denoising(server):
     cancelled_before = metric(server, "gill_diffusion_requests_total", outcome="cancelled")
     chat = request(user(PROMPT_GEN), ret_scale_factor=1e5, max_new_tokens=1, num_inference_steps=200,
                    preview_every=1, seed=1)
-    turn = stream_turn(server.endpoints.grpc, chat)
+    turn = open_turn(server, chat)
     previews = 0
-    for event in turn:
-        if event.WhichOneof("event") == "preview":
+    for response in turn:
+        event, _ = transport.chat_event(response, "")
+        if event is not None and event.WhichOneof("event") == "preview":
             previews += 1
             if previews == 2:
                 turn.cancel()
@@ -190,7 +118,8 @@ def _stream_results(server, model: str, inputs: list) -> list:
     """(result, error) pairs of one raw streaming call, once the stream has ended."""
     client = grpcclient.InferenceServerClient(server.endpoints.grpc)
     results = []
-    client.start_stream(callback=lambda result, error: results.append((result, error)))
+    client.start_stream(callback=lambda result, error: results.append((result, error)),
+                        headers={transport.API_KEY_HEADER: API_KEY})
     client.async_stream_infer(model, inputs)
     client.stop_stream()
     client.close()

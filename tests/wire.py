@@ -1,0 +1,70 @@
+"""Helpers of the serving tests: build raw gill.v1 requests and read a turn's raw events off a real server."""
+
+from __future__ import annotations
+
+import grpc
+import requests
+from tritonclient.grpc import service_pb2_grpc
+
+from gill_client import _transport as transport
+from gill_client.v1 import dialogue_pb2 as pb
+
+PROMPT_GEN, PROMPT_RET = "draw a red circle", "find a photo of a cat"
+API_KEY = "test-key-0123456789abcdef"  # the session server requires it (gill serve --api-key)
+
+
+def request(*messages, **options) -> pb.ChatRequest:
+    chat = pb.ChatRequest()
+    for role, parts in messages:
+        message = chat.messages.add(role=role)
+        for part in parts:
+            if isinstance(part, str):
+                message.parts.add(text=part)
+            else:
+                message.parts.add(image=pb.Image(data=part, mime_type="image/png"))
+    for key, value in options.items():
+        setattr(chat.options, key, value)
+    return chat
+
+
+def user(*parts):
+    return (pb.ROLE_USER, parts)
+
+
+def assistant(*parts):
+    return (pb.ROLE_ASSISTANT, parts)
+
+
+def headers(api_key: str = API_KEY) -> tuple[tuple[str, str], ...]:
+    return ((transport.API_KEY_HEADER, api_key),)
+
+
+def open_turn(server, chat: pb.ChatRequest, timeout: float = 120.0):
+    """The raw ModelStreamInfer call of one turn: iterate it for responses, ``cancel()`` it."""
+    channel = grpc.insecure_channel(server.endpoints.grpc)
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    return stub.ModelStreamInfer(iter([transport.infer_request("gill", chat)]), metadata=headers(), timeout=timeout)
+
+
+def events(server, chat: pb.ChatRequest) -> list[pb.ChatEvent]:
+    """Every ChatEvent of one turn, raw, until the stream ends."""
+    out = []
+    for response in open_turn(server, chat):
+        message, _ = transport.chat_event(response, chat.request_id)
+        if message is not None:
+            out.append(message)
+    return out
+
+
+def kinds(stream) -> list[str]:
+    return [event.WhichOneof("event") for event in stream]
+
+
+def metric(server, name: str, **labels) -> float:
+    """The sum of a Prometheus metric's samples (with these labels) on the server's metrics port."""
+    text = requests.get(server.endpoints.metrics, timeout=5).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
