@@ -15,18 +15,19 @@ import requests
 GILL = [sys.executable, "-m", "gill.cli"]
 
 
-def _serve(checkpoint: Path, *extra: str) -> subprocess.Popen:
+def _serve(checkpoint: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     return subprocess.Popen([*GILL, "serve", "--checkpoint", str(checkpoint), "--grpc-port", "0", "--http-port", "0",
                              "--metrics-port", "0", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True, env={**os.environ, **(env or {})})
 
 
 def test_serve_prints_endpoints_and_stops_cleanly_on_sigterm(tiny_dir):
-    process = _serve(tiny_dir)
+    key = "serve-cli-key-0123456789"
+    process = _serve(tiny_dir, env={"GILL_API_KEY": key})
     try:
         lines = {}
         deadline = time.monotonic() + 300
-        while "log" not in lines and time.monotonic() < deadline:
+        while "auth" not in lines and time.monotonic() < deadline:
             line = process.stdout.readline()
             assert line, f"gill serve exited early: {process.stderr.read()}"
             name, _, value = line.strip().partition(" ")
@@ -34,6 +35,10 @@ def test_serve_prints_endpoints_and_stops_cleanly_on_sigterm(tiny_dir):
         assert {"gRPC", "HTTP", "metrics", "log"} <= set(lines)
         assert lines["gRPC"].startswith("127.0.0.1:")
         assert requests.get(f"{lines['HTTP']}/v2/health/ready", timeout=5).status_code == 200
+        # $GILL_API_KEY restricts everything but health checks.
+        config = f"{lines['HTTP']}/v2/models/gill/config"
+        assert requests.get(config, timeout=5).status_code == 403
+        assert requests.get(config, headers={"x-api-key": key}, timeout=5).status_code == 200
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
         # Triton and its model stubs are gone with it.
