@@ -13,16 +13,17 @@ import sys
 import venv
 from pathlib import Path
 
-import gill_client
 import pytest
+from PIL import Image
+from wire import API_KEY
+
+import gill_client
 from gill_client import ChatOptions, Done, ImageEvent, RetryPolicy, TextDelta, assistant, user
 from gill_client._transport import TLS, parse_url
 from gill_client.errors import Internal, InvalidArgument, Unknown, error_for
 from gill_client.messages import build_request
 from gill_client.reply import ReplyBuilder
 from gill_client.v1 import dialogue_pb2 as pb
-from PIL import Image
-from wire import API_KEY
 
 REPO = Path(__file__).resolve().parents[1]
 CLIENT = REPO / "client"
