@@ -90,6 +90,33 @@ def download(
 
 
 @app.command()
+def ingest(
+    file: Annotated[Path, typer.Argument(help="cc3m_embeddings_urls.npy (official) or .npz / .parquet (ids, urls, "
+                                              "captions, vectors)")],
+    db: Annotated[str | None, typer.Option(help="a .db path (embedded milvus-lite) or http://host:19530 (a Milvus "
+                                                "server); default: retrieval.db beside FILE")] = None,
+    collection: Annotated[str, typer.Option(help="collection name")] = "gill_cc3m",
+    captions: Annotated[Path | None, typer.Option(help="JSON {url: caption}; default: retrieval_captions.json "
+                                                       "beside FILE when present")] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+) -> None:
+    """Load retrieval vectors into Milvus: validated, normalised, batched, resumable, then indexed and loaded."""
+    from gill.milvus import ingest as run_ingest
+    from gill.milvus import read_corpus
+
+    try:
+        with console.status(f"reading {file}"):
+            corpus = read_corpus(file, captions)
+        uri = db or str(file.resolve().parent / "retrieval.db")
+        console.print(f"{len(corpus):,} rows of {corpus.vectors.shape[1]}-d vectors -> {uri} ({collection})")
+        report = run_ingest(corpus, uri, collection, progress=not quiet)
+    except (GillError, OSError, ValueError) as error:
+        _fail(error)
+    print(f"wrote {report.written:,} rows, {report.skipped:,} already present; {report.total:,} in {collection} "
+          f"({report.insert_s:.1f} s); index {report.index} ({report.index_s:.1f} s); loaded")
+
+
+@app.command()
 def run(
     text: Annotated[str, typer.Argument(help="the user's message (sent as 'Q: {text}\\nA:' like the reference demo)")],
     image: Annotated[list[Path] | None, typer.Option(help="an input image, before the text; repeatable")] = None,
@@ -180,6 +207,12 @@ def serve(
     timeout: Annotated[float, typer.Option(help="seconds to wait for every model to be ready")] = 600.0,
     api_key: Annotated[str | None, typer.Option(envvar="GILL_API_KEY", show_envvar=True,
                                                 help="require this key on every call but health checks")] = None,
+    milvus_uri: Annotated[str | None, typer.Option(help="retrieval corpus: a .db file (one process may open it) or "
+                                                        "http://host:19530; default: <checkpoint>/retrieval.db "
+                                                        "when present")] = None,
+    collection: Annotated[str | None, typer.Option(help="Milvus collection (default gill_cc3m)")] = None,
+    allow_private_urls: Annotated[bool, typer.Option(help="let retrieval fetch corpus images from private, "
+                                                          "loopback and link-local addresses")] = False,
 ) -> None:
     """Serve GILL with Triton: prepare the backend, start tritonserver, wait until every model is ready."""
     import shutil
@@ -192,7 +225,11 @@ def serve(
         if checkpoint is None:
             with console.status("building the tiny checkpoint (first use only)"):
                 checkpoint = ensure_tiny_checkpoint()
-        server = TritonServer(checkpoint, host, grpc_port, http_port, metrics_port, api_key=api_key)
+        retrieval = {"milvus_uri": milvus_uri or "", "allow_private_urls": str(allow_private_urls).lower()}
+        if collection:
+            retrieval["collection"] = collection
+        server = TritonServer(checkpoint, host, grpc_port, http_port, metrics_port, api_key=api_key,
+                              parameters={"retrieval": retrieval})
         with console.status(f"starting Triton with {checkpoint} (log: {server.log_path})"):
             endpoints = server.start(timeout)
     except GillError as error:

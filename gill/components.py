@@ -15,11 +15,12 @@ from typing import Protocol
 import torch
 from PIL import Image
 
+from gill.corpus import RetrievalSettings, open_retrieval
 from gill.decoding import CancelCheck, Decoder, ImageStates, TokenStep
 from gill.diffusion import ImageGenerator, PreviewCallback
 from gill.model import GILL, Decision
 from gill.options import GenerationOptions
-from gill.retrieval import ExactRetriever, Hit, ImageStore, Retriever, first_loadable
+from gill.retrieval import Hit, ImageStore, Retriever, first_loadable
 from gill.tokens import SpecialTokens
 
 IMAGE_SLOT = -1  # the id that marks a visual-prefix position in Prompt.ids
@@ -64,7 +65,9 @@ class Components(Protocol):
         ...
 
     def retrieve(self, query: torch.Tensor, exclude: frozenset[int]) -> tuple[Hit, Image.Image] | None:
-        """The best hit whose image loads, or None."""
+        """The best hit whose image loads, or None when the search finds nothing. Raises
+        :class:`~gill.retrieval.RetrievalFailed` when no hit's image loads and
+        :class:`~gill.retrieval.RetrievalUnavailable` when the backend is down."""
         ...
 
     def generate(self, prompt_embeds: torch.Tensor, options: GenerationOptions, cancel: Callable[[], bool],
@@ -89,16 +92,17 @@ class LocalComponents:
     @classmethod
     def from_checkpoint(cls, directory: str | Path, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, load_diffusion: bool = True,
-                        load_retrieval: bool = True, safety_checker: bool = False) -> LocalComponents:
+                        load_retrieval: bool = True, safety_checker: bool = False,
+                        retrieval: RetrievalSettings | None = None) -> LocalComponents:
         directory = Path(directory)
         model = GILL.from_checkpoint(directory, device, dtype)
-        retriever = None
+        retriever, store = None, ImageStore(directory)
         if load_retrieval:
-            retriever = ExactRetriever.from_checkpoint(directory, float(model.adapters.logit_scale))
+            retriever, store = open_retrieval(directory, float(model.adapters.logit_scale), retrieval)
         generator = None
         if load_diffusion:
             generator = ImageGenerator.from_checkpoint(model.args, directory, model.device, model.dtype, safety_checker)
-        return cls(model, retriever, generator, ImageStore(directory))
+        return cls(model, retriever, generator, store)
 
     @property
     def can_retrieve(self) -> bool:

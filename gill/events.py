@@ -57,6 +57,17 @@ class ImageResult:
 
 
 @dataclass(frozen=True)
+class Notice:
+    """Something the user should know about image ``index`` that did not stop the turn: ``code``
+    ``retrieval_failed`` (no top hit's image could be loaded, e.g. dead URLs) or ``retrieval_unavailable`` (the
+    corpus backend is down); the turn went on with generation when it could."""
+
+    index: int
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
 class Done:
     """The turn ended. ``stop_reason``: eos, newline, length or cancelled."""
 
@@ -67,4 +78,4 @@ class Done:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-Event = TextDelta | ImageRequest | DiffusionPreview | ImageResult | Done
+Event = TextDelta | ImageRequest | DiffusionPreview | ImageResult | Notice | Done

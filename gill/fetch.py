@@ -271,8 +271,9 @@ class ImageFetcher:
         """
         return self._fetch(url, None)
 
-    def first(self, urls: Sequence[str]) -> FetchResult | None:
-        """The best-ranked (lowest index) of ``urls`` that gives an image, or None when none does.
+    def first(self, urls: Sequence[str], failures: list[tuple[str, str]] | None = None) -> FetchResult | None:
+        """The best-ranked (lowest index) of ``urls`` that gives an image, or None when none does (then
+        ``failures``, when given, receives every (url, reason) in rank order).
 
         Up to ``policy.concurrency`` URLs are fetched at once. This returns as soon as one URL succeeded and all
         ranked before it failed, without waiting for the worse-ranked ones (those still running are cancelled).
@@ -301,8 +302,10 @@ class ImageFetcher:
                 while best in errors:
                     best += 1
                 if best in bodies:
-                    failures = tuple((urls[i], errors[i].reason) for i in range(best))
-                    return FetchResult(best, urls[best], bodies[best], failures)
+                    return FetchResult(best, urls[best], bodies[best],
+                                       tuple((urls[i], errors[i].reason) for i in range(best)))
+            if failures is not None:
+                failures.extend((urls[i], errors[i].reason) for i in range(len(urls)))
             return None
         finally:
             cancellation.cancel()

@@ -19,11 +19,13 @@ import torch
 from PIL import Image
 
 from gill.components import IMAGE_SLOT, Components, LocalComponents, Prompt
+from gill.corpus import RetrievalSettings
 from gill.decoding import CancelCheck, ImageStates, TokenStep
 from gill.errors import InputError
-from gill.events import DiffusionPreview, Done, Event, ImageRequest, ImageResult, TextDelta
+from gill.events import DiffusionPreview, Done, Event, ImageRequest, ImageResult, Notice, TextDelta
 from gill.images import load_image
 from gill.options import GenerationOptions
+from gill.retrieval import RetrievalFailed, RetrievalUnavailable
 
 Part = str | Image.Image | bytes | Path
 
@@ -64,10 +66,11 @@ class Pipeline:
     @classmethod
     def from_checkpoint(cls, directory: str | Path, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, load_diffusion: bool = True,
-                        load_retrieval: bool = True, safety_checker: bool = False) -> Pipeline:
+                        load_retrieval: bool = True, safety_checker: bool = False,
+                        retrieval: RetrievalSettings | None = None) -> Pipeline:
         """Everything in this process (see :meth:`LocalComponents.from_checkpoint`)."""
         return cls(LocalComponents.from_checkpoint(directory, device, dtype, load_diffusion, load_retrieval,
-                                                   safety_checker))
+                                                   safety_checker, retrieval))
 
     def build_prompt(self, parts: Sequence[Part], options: GenerationOptions) -> Prompt:
         """Interleaved parts -> a :class:`Prompt`. BOS before the first text only (unless ``always_add_bos``)."""
@@ -161,7 +164,14 @@ class Pipeline:
         for branch in (["ret", "gen"] if choice == "ret" else ["gen", "ret"]):
             if branch == "ret" and can_retrieve:
                 started = time.perf_counter()
-                found = self.components.retrieve(query, frozenset(seen))
+                try:
+                    found = self.components.retrieve(query, frozenset(seen))
+                except (RetrievalFailed, RetrievalUnavailable) as error:
+                    # Dead URLs or a corpus backend that is down must not fail the turn: say so, then generate.
+                    code = "retrieval_failed" if isinstance(error, RetrievalFailed) else "retrieval_unavailable"
+                    fallback = "; generating instead" if can_generate else ""
+                    yield Notice(index, code, f"{error}{fallback}")
+                    found = None
                 timings["retrieval_s"] = timings.get("retrieval_s", 0.0) + time.perf_counter() - started
                 if found is not None:
                     hit, image = found

@@ -16,7 +16,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError
 
 from gill.errors import InputError
-from gill.events import DiffusionPreview, Done, Event, ImageRequest, ImageResult, TextDelta
+from gill.events import DiffusionPreview, Done, Event, ImageRequest, ImageResult, Notice, TextDelta
 from gill.images import png_bytes
 from gill.options import GenerationOptions
 from gill_client.v1 import dialogue_pb2 as pb
@@ -145,6 +145,8 @@ def event_to_proto(event: Event) -> pb.ChatEvent | None:
     if isinstance(event, DiffusionPreview):
         return pb.ChatEvent(preview=pb.DiffusionPreview(index=event.index, step=event.step,
                                                         total_steps=event.total_steps, png=png_bytes(event.image)))
+    if isinstance(event, Notice):
+        return pb.ChatEvent(notice=pb.Notice(index=event.index, code=event.code, message=event.message))
     if isinstance(event, Done):
         return pb.ChatEvent(done=pb.Done(text=event.text, prompt_tokens=event.prompt_tokens,
                                          generated_tokens=event.generated_tokens, stop_reason=event.stop_reason,

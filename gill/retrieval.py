@@ -17,7 +17,8 @@ import numpy as np
 from PIL import Image
 
 from gill.convert import EMBEDDINGS_FILE
-from gill.errors import CheckpointError, InputError
+from gill.errors import CheckpointError, GillError, InputError
+from gill.fetch import ImageFetcher
 from gill.images import load_image
 
 CAPTIONS_FILE = "retrieval_captions.json"
@@ -88,27 +89,79 @@ class ExactRetriever:
         return results
 
 
+class RetrievalUnavailable(GillError):
+    """The retrieval backend (Milvus) cannot be reached or has no corpus; the message says where and what to do."""
+
+
+class RetrievalFailed(GillError):
+    """Hits were found but none of their images could be loaded; the message gives each one's reason."""
+
+
+def _is_url(location: str) -> bool:
+    return "://" in location
+
+
 class ImageStore:
-    """Loads the image behind a hit: corpus paths relative to the checkpoint directory, or absolute paths.
+    """Loads the image behind a hit: a path relative to ``root`` (the checkpoint, or a local copy of the corpus
+    images), an absolute path, or an ``http(s)`` URL fetched by ``fetcher`` under its policy (timeout, size,
+    image types, no private addresses). Without a fetcher, URLs are not fetched."""
 
-    Remote URLs (the CC3M release) are not fetched here: a hit whose image cannot be loaded is skipped.
-    """
-
-    def __init__(self, root: Path | None) -> None:
+    def __init__(self, root: Path | None, fetcher: ImageFetcher | None = None) -> None:
         self.root = root
+        self.fetcher = fetcher
 
-    def load(self, url: str) -> Image.Image | None:
-        if "://" in url:
-            return None
-        path = Path(url)
+    def load(self, location: str) -> Image.Image:
+        """The image at a local ``location``; raises :class:`RetrievalFailed` with the reason."""
+        path = Path(location)
         if not path.is_absolute() and self.root is not None:
             path = self.root / path
         if not path.is_file():
-            return None
+            raise RetrievalFailed(f"{location}: no such file under {self.root}")
         try:
-            return load_image(path, what=url)
-        except InputError:
+            return load_image(path, what=location)
+        except InputError as error:
+            raise RetrievalFailed(str(error)) from None
+
+    def first(self, hits: list[Hit]) -> tuple[Hit, Image.Image]:
+        """The best-ranked hit whose image loads, and the image. URLs of consecutive hits are fetched
+        concurrently. Raises :class:`RetrievalFailed` listing why each hit failed (CC3M URLs rot)."""
+        failures: list[str] = []
+        position = 0
+        while position < len(hits):
+            hit = hits[position]
+            if not _is_url(hit.url):
+                position += 1
+                try:
+                    return hit, self.load(hit.url)
+                except RetrievalFailed as error:
+                    failures.append(str(error))
+                continue
+            run = []
+            while position + len(run) < len(hits) and _is_url(hits[position + len(run)].url):
+                run.append(hits[position + len(run)])
+            found = self._first_url(run, failures)
+            if found is not None:
+                return found
+            position += len(run)
+        raise RetrievalFailed(f"none of the top {len(hits)} images could be loaded: " + "; ".join(failures))
+
+    def _first_url(self, run: list[Hit], failures: list[str]) -> tuple[Hit, Image.Image] | None:
+        if self.fetcher is None:
+            failures.extend(f"{hit.url}: URLs are not fetched (no fetcher configured)" for hit in run)
             return None
+        while run:
+            reasons: list[tuple[str, str]] = []
+            result = self.fetcher.first([hit.url for hit in run], reasons)
+            if result is None:
+                failures.extend(f"{url}: {reason}" for url, reason in reasons)
+                return None
+            failures.extend(f"{url}: {reason}" for url, reason in result.failures)
+            try:
+                return run[result.index], load_image(result.data, what=result.url)
+            except InputError as error:
+                failures.append(str(error))
+                run = run[result.index + 1:]
+        return None
 
 
 # The reference tries its top 3 hits in order until one image loads (dead CC3M URLs are common).
@@ -117,9 +170,8 @@ RETRIEVAL_CANDIDATES = 3
 
 def first_loadable(retriever: Retriever, store: ImageStore, query: np.ndarray, exclude: frozenset[int],
                    candidates: int = RETRIEVAL_CANDIDATES) -> tuple[Hit, Image.Image] | None:
-    """The best of the top ``candidates`` hits for a ``[1, D]`` query whose image loads, or None."""
-    for hit in retriever.search(query, candidates, exclude)[0]:
-        image = store.load(hit.url)
-        if image is not None:
-            return hit, image
-    return None
+    """The best of the top ``candidates`` hits for a ``[1, D]`` query whose image loads; None when the search
+    finds nothing. Raises :class:`RetrievalFailed` when no hit's image loads, :class:`RetrievalUnavailable` when
+    the backend is down."""
+    hits = retriever.search(query, candidates, exclude)[0]
+    return store.first(hits) if hits else None

@@ -45,7 +45,8 @@ def decision_bias(pipeline):
 
 @pytest.fixture(scope="session")
 def served_dir(tiny_dir, tmp_path_factory):
-    """The tiny checkpoint with a decision head that generates for PROMPT_GEN and retrieves for PROMPT_RET.
+    """The tiny checkpoint with a decision head that generates for PROMPT_GEN and retrieves for PROMPT_RET, and
+    its retrieval corpus ingested into ``retrieval.db`` (so the served ``retrieval`` model searches Milvus).
 
     A random head decides the same way for almost every prompt; this one separates two known [IMG0] states,
     so the tests can check that the served branch follows the head.
@@ -72,6 +73,9 @@ def served_dir(tiny_dir, tmp_path_factory):
     offset = -float(direction @ (generate + retrieve)) / 2
     save_file({"1.weight": torch.stack([direction, -direction]).contiguous(),
                "1.bias": torch.tensor([offset, -offset])}, directory / "decision_model.safetensors")
+    from gill.milvus import DB_FILE, ingest, read_corpus
+
+    ingest(read_corpus(directory / "cc3m_embeddings_urls.npy"), str(directory / DB_FILE), progress=False)
     return directory
 
 

@@ -16,6 +16,7 @@ from PIL import Image
 from wire import API_KEY, PROMPT_GEN, PROMPT_RET, assistant, events, kinds, metric, open_turn, request, user
 
 from gill import protocol
+from gill.corpus import RetrievalSettings
 from gill.images import png_bytes
 from gill.pipeline import Pipeline
 from gill.serving.server import ServeError, TritonServer
@@ -26,7 +27,9 @@ from gill_client.v1 import dialogue_pb2 as pb
 
 @pytest.fixture(scope="module")
 def local(served_dir):
-    return Pipeline.from_checkpoint(served_dir, device="cpu")
+    """In-process, with the reference's exact retrieval: the server searches Milvus, so equal turns also show
+    that Milvus retrieval ranks and scores as the reference does (and only one process may open the .db)."""
+    return Pipeline.from_checkpoint(served_dir, device="cpu", retrieval=RetrievalSettings(retriever="exact"))
 
 
 IMAGE = png_bytes(shape_image("green", "square", "white", 48))

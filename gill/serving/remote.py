@@ -20,14 +20,13 @@ from PIL import Image
 
 from gill.components import Prompt
 from gill.config import GILLArgs, resolve_source
-from gill.convert import EMBEDDINGS_FILE
 from gill.decoding import CancelCheck, ImageStates, TokenStep
 from gill.diffusion import PreviewCallback
 from gill.errors import GillError, InputError
 from gill.images import load_image, png_bytes
 from gill.model import Decision
 from gill.options import GenerationOptions
-from gill.retrieval import RETRIEVAL_CANDIDATES, Hit
+from gill.retrieval import RETRIEVAL_CANDIDATES, Hit, RetrievalFailed, RetrievalUnavailable
 from gill.serving import backend
 from gill.tokens import load_tokenizer
 
@@ -57,7 +56,8 @@ class RemoteComponents:
         args = GILLArgs.load(checkpoint)
         self.tokenizer, self.tokens = load_tokenizer(
             resolve_source(args.tokenizer or args.opt_version, checkpoint), args.num_tokens)
-        self.can_retrieve = (checkpoint / EMBEDDINGS_FILE).exists()
+        # The retrieval model answers no hits when it has no corpus, and the turn generates instead.
+        self.can_retrieve = True
         self.can_generate = True
 
     @staticmethod
@@ -142,18 +142,26 @@ class RemoteComponents:
         return torch.from_numpy(_output(self._mapper(states, ["PROMPT_EMBEDS"]), "PROMPT_EMBEDS").copy())
 
     def retrieve(self, query: torch.Tensor, exclude: frozenset[int]) -> tuple[Hit, Image.Image] | None:
-        response = self._infer(
-            "retrieval",
-            [backend.tensor("QUERY", query.reshape(-1)),
-             backend.tensor("TOP_K", np.array([RETRIEVAL_CANDIDATES], dtype=np.int32)),
-             backend.tensor("EXCLUDE", np.array(sorted(exclude), dtype=np.int64))],
-            ["IDS", "SCORES", "URLS", "CAPTIONS", "IMAGES"])
+        try:
+            response = self._infer(
+                "retrieval",
+                [backend.tensor("QUERY", query.reshape(-1)),
+                 backend.tensor("TOP_K", np.array([RETRIEVAL_CANDIDATES], dtype=np.int32)),
+                 backend.tensor("EXCLUDE", np.array(sorted(exclude), dtype=np.int64))],
+                ["IDS", "SCORES", "URLS", "CAPTIONS", "IMAGES", "FAILURE"])
+        except StageError as error:
+            if "RetrievalUnavailable" in str(error):
+                raise RetrievalUnavailable(str(error)) from None
+            raise
         rows = zip(_output(response, "IDS"), _output(response, "SCORES"), _output(response, "URLS"),
                    _output(response, "CAPTIONS"), _output(response, "IMAGES"), strict=True)
         for hit_id, score, url, caption, data in rows:
             if data:
                 hit = Hit(int(hit_id), url.decode(), float(score), caption.decode() or None)
                 return hit, load_image(bytes(data), what=hit.url)
+        failure = _output(response, "FAILURE")
+        if failure is not None and bytes(failure.reshape(-1)[0]):
+            raise RetrievalFailed(bytes(failure.reshape(-1)[0]).decode())
         return None
 
     def generate(self, prompt_embeds: torch.Tensor, options: GenerationOptions, cancel: Callable[[], bool],

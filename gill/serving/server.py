@@ -11,6 +11,7 @@ repository runs in NVIDIA's Triton image instead.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -37,7 +38,15 @@ ALL_MODELS = ("clip", "llm", "mapper", "retrieval", "diffusion", "tokenize", "gi
 RESTRICTED = "metadata,inference,shared-memory,model-config,model-repository,statistics,trace,logging"
 API_KEY_HEADER = "x-api-key"
 _API_KEY = re.compile(r"[A-Za-z0-9._~+/-]{16,256}")
-_CHECKPOINT_PARAMETER = re.compile(r'(key:\s*"checkpoint"\s*value:\s*\{\s*string_value:\s*)"[^"]*"')
+
+
+def set_parameter(config: str, key: str, value: str) -> str:
+    """A ``config.pbtxt`` text with parameter ``key`` set to ``value``; raises :class:`ServeError` when the model
+    has no such parameter (a typo must not be ignored)."""
+    pattern = re.compile(r'(key:\s*"' + re.escape(key) + r'"\s*value:\s*\{\s*string_value:\s*)"[^"]*"')
+    if not pattern.search(config):
+        raise ServeError(f"the model has no parameter {key!r}")
+    return pattern.sub(lambda m: m.group(1) + json.dumps(value), config)
 
 
 class ServeError(GillError):
@@ -109,8 +118,10 @@ def prepare_backend(target: Path) -> Path:
 
 
 def prepare_repository(target: Path, checkpoint: Path, models: tuple[str, ...] = ALL_MODELS,
-                       source: Path = MODEL_REPOSITORY) -> Path:
-    """Copy the chosen models, with the ``checkpoint`` parameter of each set to ``checkpoint``."""
+                       source: Path = MODEL_REPOSITORY,
+                       parameters: dict[str, dict[str, str]] | None = None) -> Path:
+    """Copy the chosen models, with the ``checkpoint`` parameter of each set to ``checkpoint`` and
+    ``parameters[model][key]`` set on the models named there."""
     if not source.is_dir():
         raise ServeError(f"{source}: model repository not found (run from a checkout of the project)")
     target.mkdir(parents=True, exist_ok=True)
@@ -118,7 +129,14 @@ def prepare_repository(target: Path, checkpoint: Path, models: tuple[str, ...] =
         shutil.copytree(source / name, target / name, dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns("__pycache__", ".gitkeep"))
         config = target / name / "config.pbtxt"
-        text = _CHECKPOINT_PARAMETER.sub(lambda m: f'{m.group(1)}"{checkpoint.resolve()}"', config.read_text())
+        text = config.read_text()
+        if 'key: "checkpoint"' in text:
+            text = set_parameter(text, "checkpoint", str(checkpoint.resolve()))
+        for key, value in (parameters or {}).get(name, {}).items():
+            try:
+                text = set_parameter(text, key, value)
+            except ServeError as error:
+                raise ServeError(f"{name}: {error}") from None
         config.write_text(text)
     return target
 
@@ -139,12 +157,13 @@ class TritonServer:
 
     def __init__(self, checkpoint: str | Path, host: str = "127.0.0.1", grpc_port: int = 0, http_port: int = 0,
                  metrics_port: int = 0, models: tuple[str, ...] = ALL_MODELS, work_dir: Path | None = None,
-                 api_key: str | None = None) -> None:
+                 api_key: str | None = None, parameters: dict[str, dict[str, str]] | None = None) -> None:
         if api_key is not None and not _API_KEY.fullmatch(api_key):
             raise ServeError("an API key must be 16 to 256 characters of letters, digits and . _ ~ + / - "
                              "(for example: python -c 'import secrets; print(secrets.token_urlsafe(32))')")
         self.checkpoint = Path(checkpoint)
         self.api_key = api_key
+        self.parameters = parameters or {}
         self.endpoints = Endpoints(host, grpc_port or free_port(host), http_port or free_port(host),
                                    metrics_port or free_port(host))
         self.models = models
@@ -181,7 +200,7 @@ class TritonServer:
         if not self.checkpoint.is_dir():
             raise ServeError(f"{self.checkpoint}: checkpoint directory not found")
         prepare_backend(self.work_dir / "backends")
-        prepare_repository(self.work_dir / "models", self.checkpoint, self.models)
+        prepare_repository(self.work_dir / "models", self.checkpoint, self.models, parameters=self.parameters)
         log = open(self.log_path, "wb")
         self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=_environment(),
                                         start_new_session=True)

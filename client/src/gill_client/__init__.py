@@ -24,7 +24,7 @@ from gill_client.errors import (
     Unavailable,
     Unknown,
 )
-from gill_client.events import Done, Event, ImageEvent, Preview, TextDelta
+from gill_client.events import Done, Event, ImageEvent, Notice, Preview, TextDelta
 from gill_client.messages import Message, assistant, user
 from gill_client.options import ChatOptions, RetryPolicy
 from gill_client.reply import Reply
@@ -35,6 +35,6 @@ __version__ = "0.1.0"
 __all__ = [
     "API_KEY_HEADER", "TLS", "AsyncChatStream", "AsyncConversation", "AsyncGillClient", "Cancelled", "ChatOptions",
     "ChatStream", "Conversation", "DeadlineExceeded", "Done", "Event", "GillClient", "GillClientError", "ImageEvent",
-    "Internal", "InvalidArgument", "Message", "NotFound", "Preview", "Reply", "ResourceExhausted", "RetryPolicy",
+    "Internal", "InvalidArgument", "Message", "NotFound", "Notice", "Preview", "Reply", "ResourceExhausted", "RetryPolicy",
     "TextDelta", "Unauthenticated", "Unavailable", "Unknown", "assistant", "user",
 ]

@@ -19,7 +19,7 @@ from typing import TextIO
 
 from gill_client._transport import TLS
 from gill_client.errors import GillClientError
-from gill_client.events import Done, Event, ImageEvent, Preview, TextDelta
+from gill_client.events import Done, Event, ImageEvent, Notice, Preview, TextDelta
 from gill_client.messages import Part, user
 from gill_client.options import ChatOptions, RetryPolicy
 from gill_client.sync import GillClient
@@ -70,6 +70,10 @@ class Renderer:
             self.saved.append(path)
             self.out.write(f"\n{describe_image(event)} -> {path}\n")
             self.out.flush()
+        elif isinstance(event, Notice):
+            self._end_progress()
+            self.err.write(f"\n[note on image {event.index}: {event.message}]\n")
+            self.err.flush()
         elif isinstance(event, Done):
             self._end_progress()
             total = event.timings.get("total_s")

@@ -82,6 +82,18 @@ class Preview:
 
 
 @dataclass(frozen=True)
+class Notice:
+    """Something about image request ``index`` that did not stop the turn. ``code`` is stable:
+    ``"retrieval_failed"`` (no top hit's image could be loaded, e.g. dead corpus URLs) or
+    ``"retrieval_unavailable"`` (the corpus backend is down); ``message`` says what happened and what the turn
+    did instead (usually: generated the image)."""
+
+    index: int
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
 class Done:
     """The turn ended: the whole ``text``, token counts, ``stop_reason`` (``"eos"``, ``"newline"``,
     ``"length"`` or ``"cancelled"``) and stage ``timings`` in seconds (``"total_s"``, ``"first_token_s"`` ...)."""
@@ -93,7 +105,7 @@ class Done:
     timings: Mapping[str, float] = field(default_factory=dict)
 
 
-Event = TextDelta | ImageEvent | Preview | Done
+Event = TextDelta | ImageEvent | Preview | Notice | Done
 
 _SOURCES: dict[int, ImageSource] = {pb.IMAGE_SOURCE_RETRIEVED: "retrieved", pb.IMAGE_SOURCE_GENERATED: "generated"}
 _DECISIONS: dict[int, Decision] = {pb.DECISION_GENERATE: "generate", pb.DECISION_RETRIEVE: "retrieve"}
@@ -121,6 +133,8 @@ def from_proto(message: pb.ChatEvent, request_id: str | None = None) -> Event | 
     if kind == "preview":
         preview = message.preview
         return Preview(preview.index, preview.step, preview.total_steps, preview.png)
+    if kind == "notice":
+        return Notice(message.notice.index, message.notice.code, message.notice.message)
     if kind == "done":
         done = message.done
         return Done(done.text, done.prompt_tokens, done.generated_tokens, done.stop_reason, dict(done.timings))

@@ -1,4 +1,5 @@
-"""retrieval: QUERY [256] -> the top-k hits with their image bytes, from the configured retriever."""
+"""retrieval: QUERY [256] -> the top-k hits, with the image of the best one that loads, from the configured
+retriever (Milvus or the in-memory product; gill.corpus.RetrievalSettings reads the parameters)."""
 
 import contextlib
 
@@ -11,9 +12,10 @@ import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from gill.checkpoint import load_logit_scale  # noqa: E402
-from gill.errors import CheckpointError, InputError  # noqa: E402
+from gill.corpus import RetrievalSettings, describe, open_retrieval  # noqa: E402
+from gill.errors import InputError  # noqa: E402
 from gill.images import png_bytes  # noqa: E402
-from gill.retrieval import RETRIEVAL_CANDIDATES, ExactRetriever, ImageStore  # noqa: E402
+from gill.retrieval import RETRIEVAL_CANDIDATES, RetrievalFailed  # noqa: E402
 from gill.serving import backend  # noqa: E402
 
 
@@ -21,31 +23,35 @@ class TritonPythonModel:
     def initialize(self, args):
         params = backend.parameters(args)
         checkpoint = Path(params["checkpoint"])
-        if params.get("retriever", "exact") != "exact":
-            raise CheckpointError(f"retriever {params['retriever']!r} is not available; use 'exact'")
-        self.retriever = ExactRetriever.from_checkpoint(checkpoint, load_logit_scale(checkpoint))
-        self.store = ImageStore(checkpoint)
+        settings = RetrievalSettings.from_parameters(params)
+        self.retriever, self.store = open_retrieval(checkpoint, load_logit_scale(checkpoint), settings)
         self.max_top_k = int(params.get("max_top_k", "32"))
+        pb_utils.Logger.log_info(f"retrieval: {describe(self.retriever)}; images from {self.store.root}"
+                                 f"{' and URLs' if self.store.fetcher else ''}")
 
     def execute(self, requests):
         return [self._serve(request) for request in requests]
 
     def _serve(self, request):
         try:
-            if self.retriever is None:
-                raise InputError("this checkpoint has no retrieval embeddings (retrieval_embeddings.npz)")
             query = backend.required_input(request, "QUERY").astype(np.float32).reshape(1, -1)
             top_k = int(backend.scalar(request, "TOP_K", RETRIEVAL_CANDIDATES))
             if not 1 <= top_k <= self.max_top_k:
                 raise InputError(f"TOP_K={top_k} (allowed: 1 to {self.max_top_k})")
             exclude = backend.optional_input(request, "EXCLUDE")
             excluded = frozenset(int(i) for i in exclude.reshape(-1)) if exclude is not None else frozenset()
-            hits = self.retriever.search(query, top_k, excluded)[0]
-            images = []
-            for hit in hits:
-                image = self.store.load(hit.url)
-                images.append(png_bytes(image) if image is not None else b"")
+            # No corpus configured: no hits (the turn generates instead); a backend that is down raises
+            # RetrievalUnavailable, which the orchestrator turns into a notice.
+            hits = self.retriever.search(query, top_k, excluded)[0] if self.retriever is not None else []
+            images, failure = [b""] * len(hits), ""
+            if hits:
+                try:
+                    hit, image = self.store.first(hits)
+                    images[hits.index(hit)] = png_bytes(image)
+                except RetrievalFailed as error:
+                    failure = str(error)
             return pb_utils.InferenceResponse([
+                backend.bytes_tensor("FAILURE", [failure.encode()]),
                 backend.tensor("IDS", np.array([h.id for h in hits], dtype=np.int64)),
                 backend.tensor("SCORES", np.array([h.score for h in hits], dtype=np.float32)),
                 backend.bytes_tensor("URLS", [h.url.encode() for h in hits]),

@@ -357,6 +357,7 @@ class ChatEvent(_message.Message):
     PREVIEW_FIELD_NUMBER: _builtins.int
     DONE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    NOTICE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def text(self) -> Global___TextDelta: ...
     @_builtins.property
@@ -367,6 +368,10 @@ class ChatEvent(_message.Message):
     def done(self) -> Global___Done: ...
     @_builtins.property
     def error(self) -> Global___Error: ...
+    @_builtins.property
+    def notice(self) -> Global___Notice:
+        """Added after v1.0: older clients skip it (an unknown oneof field)."""
+
     def __init__(
         self,
         *,
@@ -375,12 +380,13 @@ class ChatEvent(_message.Message):
         preview: Global___DiffusionPreview | None = ...,
         done: Global___Done | None = ...,
         error: Global___Error | None = ...,
+        notice: Global___Notice | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "error", b"error", "event", b"event", "image", b"image", "preview", b"preview", "text", b"text"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "error", b"error", "event", b"event", "image", b"image", "notice", b"notice", "preview", b"preview", "text", b"text"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "error", b"error", "event", b"event", "image", b"image", "preview", b"preview", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "error", b"error", "event", b"event", "image", b"image", "notice", b"notice", "preview", b"preview", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["text", "image", "preview", "done", "error"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["text", "image", "preview", "done", "error", "notice"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
@@ -497,6 +503,37 @@ class DiffusionPreview(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DiffusionPreview: _TypeAlias = DiffusionPreview  # noqa: Y015
+
+@_typing.final
+class Notice(_message.Message):
+    """Something about image request `index` that did not stop the turn, for example retrieval that found no
+    loadable image (dead corpus URLs) or a corpus backend that is down; the turn went on with generation.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    code: _builtins.str
+    """A stable machine-readable code: "retrieval_failed" or "retrieval_unavailable" (more may be added)."""
+    message: _builtins.str
+    """What happened, for people."""
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        code: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "index", b"index", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Notice: _TypeAlias = Notice  # noqa: Y015
 
 @_typing.final
 class Done(_message.Message):
