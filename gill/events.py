@@ -43,7 +43,8 @@ class ImageResult:
 
     ``score`` is the retrieval score (``exp(logit_scale) * cosine``) for a retrieved image and the cosine
     of the generated image to the text-side retrieval vector for a generated one. ``probabilities`` are the
-    decision head's (p_generate, p_retrieve), or None without a decision head.
+    decision head's (p_generate, p_retrieve), or None without a decision head. ``corpus_id`` is a retrieved
+    image's corpus row (sent back with the image in later turns, it keeps the image from being retrieved again).
     """
 
     index: int
@@ -54,6 +55,7 @@ class ImageResult:
     score: float | None = None
     url: str | None = None
     caption: str | None = None
+    corpus_id: int | None = None  # the retrieved image's row in the corpus
 
 
 @dataclass(frozen=True)

@@ -99,9 +99,10 @@ class Pipeline:
         return Prompt(torch.cat(pieces), flat)
 
     def stream(self, parts: Sequence[Part], options: GenerationOptions | None = None,
-               cancel: CancelCheck | None = None) -> Iterator[Event]:
+               cancel: CancelCheck | None = None, shown: frozenset[int] = frozenset()) -> Iterator[Event]:
         """Run one turn; yields :class:`TextDelta`, :class:`ImageRequest`, :class:`DiffusionPreview`,
-        :class:`ImageResult`, then one :class:`Done`. Raises :class:`InputError` before the first event."""
+        :class:`ImageResult` (and :class:`Notice`), then one :class:`Done`. Raises :class:`InputError` before the
+        first event. Corpus ids in ``shown`` (images already shown in the conversation) are not retrieved."""
         options = options or GenerationOptions()
         start = time.perf_counter()
         timings: dict[str, float] = {}
@@ -110,7 +111,7 @@ class Pipeline:
         text = _TextStream(self.components.tokenizer)
         img_ids = set(self.components.tokens.img)
         generated, images, reason = 0, 0, "length"
-        seen: set[int] = set()
+        seen: set[int] = set(shown)
         decode_start = time.perf_counter()
         image_time = 0.0
         for step in self.components.decode(prompt, options, cancel):
@@ -177,7 +178,7 @@ class Pipeline:
                     hit, image = found
                     seen.add(hit.id)
                     yield ImageResult(index, "retrieved", image, choice, probabilities, hit.score, hit.url,
-                                      hit.caption)
+                                      hit.caption, hit.id)
                     return
             elif branch == "gen" and can_generate:
                 started = time.perf_counter()

@@ -103,6 +103,13 @@ def parts_from_request(request: pb.ChatRequest) -> list[Part]:
     return parts
 
 
+def shown_corpus_ids(request: pb.ChatRequest) -> frozenset[int]:
+    """Returns the corpus rows of the images in the conversation that were retrieved earlier
+    (``Image.corpus_id``): the turn does not retrieve them again."""
+    return frozenset(part.image.corpus_id for message in request.messages for part in message.parts
+                     if part.HasField("image") and part.image.HasField("corpus_id"))
+
+
 def options_from_request(request: pb.ChatRequest,
                          defaults: GenerationOptions | None = None) -> GenerationOptions:
     """Returns ``defaults`` (or :class:`GenerationOptions` ``()``) with the fields the request set overriding them.
@@ -141,6 +148,8 @@ def event_to_proto(event: Event) -> pb.ChatEvent | None:
             image.score = event.score
         if event.probabilities is not None:
             image.p_generate, image.p_retrieve = event.probabilities
+        if event.corpus_id is not None:
+            image.corpus_id = event.corpus_id
         return pb.ChatEvent(image=image)
     if isinstance(event, DiffusionPreview):
         return pb.ChatEvent(preview=pb.DiffusionPreview(index=event.index, step=event.step,

@@ -14,7 +14,7 @@ import time
 
 import pytest
 from proxy import Proxy
-from wire import API_KEY, PROMPT_GEN, metric
+from wire import API_KEY, PROMPT_GEN, PROMPT_RET, metric
 
 from gill.images import png_bytes
 from gill.serving.server import free_port
@@ -95,8 +95,20 @@ def test_a_three_turn_conversation_keeps_text_and_received_images(client):
     third = third_stream.collect()
     assert [m.role for m in conversation.messages] == ["user", "assistant"] * 3
     # The image the server sent in turn two is part of the history sent with turn three.
-    assert second.images[0].png in conversation.messages[3].parts
+    assert second.images[0] in conversation.messages[3].parts
     assert third.done.prompt_tokens > second.done.prompt_tokens > first.done.prompt_tokens
+
+
+def test_an_image_retrieved_earlier_in_the_conversation_is_not_retrieved_again(client):
+    only_retrieval = ChatOptions(ret_scale_factor=1e5, max_new_tokens=1, allow_generation=False)
+    conversation = client.conversation(only_retrieval)
+    first = conversation.ask(PROMPT_RET).images[0]
+    second = conversation.ask(PROMPT_RET).images[0]
+    third = conversation.ask(PROMPT_RET).images[0]
+    assert first.source == second.source == third.source == "retrieved"
+    assert len({first.corpus_id, second.corpus_id, third.corpus_id}) == 3 and first.corpus_id is not None
+    # Without the history the best hit comes back.
+    assert client.chat(PROMPT_RET, only_retrieval).collect().images[0].corpus_id == first.corpus_id
 
 
 def test_async_conversation_and_a_failed_turn_leaves_history_unchanged(server):

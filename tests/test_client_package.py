@@ -95,7 +95,11 @@ def test_a_reply_becomes_the_assistant_message_in_stream_order():
         builder.add(event)
     reply = builder.reply()
     assert reply.images == (image,) and reply.parts == (" here is one:", image, " done.")
-    assert reply.as_message() == assistant("here is one:", b"png-bytes", "done.")
+    assert reply.as_message() == assistant("here is one:", image, "done.")
+    retrieved = ImageEvent(1, "retrieved", b"png", corpus_id=42)
+    wire = build_request([user("show"), assistant(retrieved), user("another")]).messages[1].parts[0].image
+    assert (wire.data, wire.mime_type, wire.corpus_id) == (b"png", "image/png", 42)
+    assert not build_request([assistant(image), user("x")]).messages[0].parts[0].image.HasField("corpus_id")
 
 
 def _public_callables():

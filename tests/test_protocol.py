@@ -344,3 +344,17 @@ def test_check_reports_stale_and_missing_files(tmp_path: Path) -> None:
     assert "gill_client/v1/dialogue_pb2.py (differs)" in result.stderr
     assert "gill_client/v1/dialogue_pb2.pyi (missing)" in result.stderr
     assert "gill_client/v1/old_pb2.py (no .proto generates it)" in result.stderr
+
+
+def test_images_retrieved_earlier_are_reported_as_shown() -> None:
+    request = pb.ChatRequest(messages=[
+        pb.Message(role=pb.ROLE_USER, parts=[pb.Part(text="show me")]),
+        pb.Message(role=pb.ROLE_ASSISTANT, parts=[pb.Part(image=pb.Image(data=b"x", corpus_id=7)),
+                                                  pb.Part(image=pb.Image(data=b"y"))]),
+        pb.Message(role=pb.ROLE_USER, parts=[pb.Part(image=pb.Image(data=b"z", corpus_id=0)), pb.Part(text="more")]),
+    ])
+    assert protocol.shown_corpus_ids(request) == frozenset({7, 0})
+    retrieved = event_to_proto(ImageResult(0, "retrieved", Image.new("RGB", (2, 2)), "ret", None, 1.0, "u", None, 5))
+    assert retrieved.image.corpus_id == 5
+    assert not event_to_proto(ImageResult(0, "generated", Image.new("RGB", (2, 2)), "gen", None)).image.HasField(
+        "corpus_id")

@@ -42,7 +42,9 @@ class ImageEvent:
     holds the PNG-encoded image, ``url`` and ``caption`` describe a retrieved one (None for a generated one).
     ``score`` is the retrieval score of a retrieved image, or the cosine of a generated image to the text's
     retrieval vector. ``decision`` and ``p_generate`` / ``p_retrieve`` are the decision head's choice and
-    probabilities (None when the checkpoint has no decision head).
+    probabilities (None when the checkpoint has no decision head). ``corpus_id`` is a retrieved image's row in
+    the corpus: an ``ImageEvent`` passed back as a message part carries it, so the server does not show that
+    image again in the conversation.
     """
 
     index: int
@@ -54,6 +56,7 @@ class ImageEvent:
     decision: Decision | None = None
     p_generate: float | None = None
     p_retrieve: float | None = None
+    corpus_id: int | None = None
 
     def pil(self) -> Image.Image:
         """Returns the image decoded as a PIL image (RGB, as the server encoded it)."""
@@ -129,6 +132,7 @@ def from_proto(message: pb.ChatEvent, request_id: str | None = None) -> Event | 
             decision=_DECISIONS.get(image.decision),
             p_generate=image.p_generate if image.HasField("p_generate") else None,
             p_retrieve=image.p_retrieve if image.HasField("p_retrieve") else None,
+            corpus_id=image.corpus_id if image.HasField("corpus_id") else None,
         )
     if kind == "preview":
         preview = message.preview

@@ -1,7 +1,8 @@
 """Conversation messages and how they become a wire ``gill.v1.ChatRequest``.
 
 A part is text (``str``) or an image: ``bytes`` of an encoded image, a path (``pathlib.Path`` or any
-``os.PathLike``; a plain ``str`` is always text), or a ``PIL.Image.Image`` (sent PNG-encoded).
+``os.PathLike``; a plain ``str`` is always text), a ``PIL.Image.Image`` (sent PNG-encoded), or an
+:class:`~gill_client.ImageEvent` the server sent (its PNG, with its corpus id so it is not retrieved again).
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from typing import Literal, TypeAlias
 
 from PIL import Image
 
+from gill_client.events import ImageEvent
 from gill_client.options import ChatOptions
 from gill_client.v1 import dialogue_pb2 as pb
 
-ImageInput: TypeAlias = bytes | bytearray | memoryview | os.PathLike[str] | Image.Image
+ImageInput: TypeAlias = bytes | bytearray | memoryview | os.PathLike[str] | Image.Image | ImageEvent
 Part: TypeAlias = str | ImageInput
 Role = Literal["user", "assistant"]
 
@@ -37,8 +39,8 @@ class Message:
         if not self.parts:
             raise ValueError("a message needs at least one text or image part")
         for part in self.parts:
-            if not isinstance(part, (str, bytes, bytearray, memoryview, os.PathLike, Image.Image)):
-                raise TypeError(f"a part is text (str) or an image (bytes, a path, a PIL image), "
+            if not isinstance(part, (str, bytes, bytearray, memoryview, os.PathLike, Image.Image, ImageEvent)):
+                raise TypeError(f"a part is text (str) or an image (bytes, a path, a PIL image, an ImageEvent), "
                                 f"got {type(part).__name__}")
 
 
@@ -74,7 +76,13 @@ def as_messages(messages: Messages) -> list[Message]:
 
 def image_proto(image: ImageInput) -> pb.Image:
     """Returns the wire ``Image`` of an image part: file bytes with the MIME type its suffix suggests, bytes
-    as given (the server detects the format), a PIL image PNG-encoded. Raises OSError for an unreadable path."""
+    as given (the server detects the format), a PIL image PNG-encoded, an ``ImageEvent``'s PNG with its corpus
+    id. Raises OSError for an unreadable path."""
+    if isinstance(image, ImageEvent):
+        wire = pb.Image(data=image.png, mime_type="image/png")
+        if image.corpus_id is not None:
+            wire.corpus_id = image.corpus_id
+        return wire
     if isinstance(image, Image.Image):
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")

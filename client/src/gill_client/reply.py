@@ -19,12 +19,12 @@ class Reply:
     done: Done
 
     def as_message(self) -> Message:
-        """Returns the reply as an assistant :class:`Message` (stripped text segments and the images' PNG
-        bytes, in order) for the next turn's history."""
+        """Returns the reply as an assistant :class:`Message` (stripped text segments and the images, in order;
+        a retrieved image keeps its corpus id, so it is not retrieved again) for the next turn's history."""
         parts: list[Part] = []
         for part in self.parts:
             if isinstance(part, ImageEvent):
-                parts.append(part.png)
+                parts.append(part)
             elif part.strip():
                 parts.append(part.strip())
         return assistant(*parts) if parts else assistant(self.text.strip() or " ")

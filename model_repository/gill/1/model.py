@@ -48,7 +48,8 @@ class TritonPythonModel:
             parts = protocol.parts_from_request(chat)
             options = protocol.options_from_request(chat)
             pending, last_sent = [], 0.0
-            for event in self.pipeline.stream(parts, options, cancel=request.is_cancelled):
+            shown = protocol.shown_corpus_ids(chat)
+            for event in self.pipeline.stream(parts, options, cancel=request.is_cancelled, shown=shown):
                 if isinstance(event, TextDelta):
                     # Text that arrives within the interval travels as one delta: each event costs a send.
                     pending.append(event.text)

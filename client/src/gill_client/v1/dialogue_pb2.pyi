@@ -209,20 +209,28 @@ class Image(_message.Message):
 
     DATA_FIELD_NUMBER: _builtins.int
     MIME_TYPE_FIELD_NUMBER: _builtins.int
+    CORPUS_ID_FIELD_NUMBER: _builtins.int
     data: _builtins.bytes
     mime_type: _builtins.str
     """For example "image/png"; empty means "detect from the data"."""
+    corpus_id: _builtins.int
+    """The corpus row of an image the server retrieved earlier in this conversation (ImageEvent.corpus_id),
+    sent back with it: the server does not retrieve that row again. Unset for any other image.
+    """
     def __init__(
         self,
         *,
         data: _builtins.bytes = ...,
         mime_type: _builtins.str = ...,
+        corpus_id: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_corpus_id", b"_corpus_id", "corpus_id", b"corpus_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "mime_type", b"mime_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_corpus_id", b"_corpus_id", "corpus_id", b"corpus_id", "data", b"data", "mime_type", b"mime_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__corpus_id: _TypeAlias = _typing.Literal["corpus_id"]  # noqa: Y015
+    _WhichOneofArgType__corpus_id: _TypeAlias = _typing.Literal["_corpus_id", b"_corpus_id"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__corpus_id) -> _WhichOneofReturnType__corpus_id | None: ...
 
 Global___Image: _TypeAlias = Image  # noqa: Y015
 
@@ -428,6 +436,7 @@ class ImageEvent(_message.Message):
     DECISION_FIELD_NUMBER: _builtins.int
     P_GENERATE_FIELD_NUMBER: _builtins.int
     P_RETRIEVE_FIELD_NUMBER: _builtins.int
+    CORPUS_ID_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     source: Global___ImageSource.ValueType
     png: _builtins.bytes
@@ -442,6 +451,8 @@ class ImageEvent(_message.Message):
     p_generate: _builtins.float
     """The decision head's probabilities; unset without a decision head."""
     p_retrieve: _builtins.float
+    corpus_id: _builtins.int
+    """The corpus row of a retrieved image; send it back in Image.corpus_id with the image in later turns."""
     def __init__(
         self,
         *,
@@ -454,17 +465,22 @@ class ImageEvent(_message.Message):
         decision: Global___Decision.ValueType = ...,
         p_generate: _builtins.float | None = ...,
         p_retrieve: _builtins.float | None = ...,
+        corpus_id: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_p_generate", b"_p_generate", "_p_retrieve", b"_p_retrieve", "_score", b"_score", "p_generate", b"p_generate", "p_retrieve", b"p_retrieve", "score", b"score"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_corpus_id", b"_corpus_id", "_p_generate", b"_p_generate", "_p_retrieve", b"_p_retrieve", "_score", b"_score", "corpus_id", b"corpus_id", "p_generate", b"p_generate", "p_retrieve", b"p_retrieve", "score", b"score"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_p_generate", b"_p_generate", "_p_retrieve", b"_p_retrieve", "_score", b"_score", "caption", b"caption", "decision", b"decision", "index", b"index", "p_generate", b"p_generate", "p_retrieve", b"p_retrieve", "png", b"png", "score", b"score", "source", b"source", "url", b"url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_corpus_id", b"_corpus_id", "_p_generate", b"_p_generate", "_p_retrieve", b"_p_retrieve", "_score", b"_score", "caption", b"caption", "corpus_id", b"corpus_id", "decision", b"decision", "index", b"index", "p_generate", b"p_generate", "p_retrieve", b"p_retrieve", "png", b"png", "score", b"score", "source", b"source", "url", b"url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__corpus_id: _TypeAlias = _typing.Literal["corpus_id"]  # noqa: Y015
+    _WhichOneofArgType__corpus_id: _TypeAlias = _typing.Literal["_corpus_id", b"_corpus_id"]  # noqa: Y015
     _WhichOneofReturnType__p_generate: _TypeAlias = _typing.Literal["p_generate"]  # noqa: Y015
     _WhichOneofArgType__p_generate: _TypeAlias = _typing.Literal["_p_generate", b"_p_generate"]  # noqa: Y015
     _WhichOneofReturnType__p_retrieve: _TypeAlias = _typing.Literal["p_retrieve"]  # noqa: Y015
     _WhichOneofArgType__p_retrieve: _TypeAlias = _typing.Literal["_p_retrieve", b"_p_retrieve"]  # noqa: Y015
     _WhichOneofReturnType__score: _TypeAlias = _typing.Literal["score"]  # noqa: Y015
     _WhichOneofArgType__score: _TypeAlias = _typing.Literal["_score", b"_score"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__corpus_id) -> _WhichOneofReturnType__corpus_id | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__p_generate) -> _WhichOneofReturnType__p_generate | None: ...
     @_typing.overload
