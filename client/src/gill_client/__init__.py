@@ -35,6 +35,6 @@ __version__ = "0.1.0"
 __all__ = [
     "API_KEY_HEADER", "TLS", "AsyncChatStream", "AsyncConversation", "AsyncGillClient", "Cancelled", "ChatOptions",
     "ChatStream", "Conversation", "DeadlineExceeded", "Done", "Event", "GillClient", "GillClientError", "ImageEvent",
-    "Internal", "InvalidArgument", "Message", "NotFound", "Notice", "Preview", "Reply", "ResourceExhausted", "RetryPolicy",
-    "TextDelta", "Unauthenticated", "Unavailable", "Unknown", "assistant", "user",
+    "Internal", "InvalidArgument", "Message", "NotFound", "Notice", "Preview", "Reply", "ResourceExhausted",
+    "RetryPolicy", "TextDelta", "Unauthenticated", "Unavailable", "Unknown", "assistant", "user",
 ]

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import struct
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,9 @@ from gill_client.errors import (
     error_for,
 )
 from gill_client.events import Done, Event, from_proto
-from gill_client.options import RetryPolicy
-from gill_client.reply import ReplyBuilder
+from gill_client.messages import Messages, build_request
+from gill_client.options import ChatOptions, RetryPolicy
+from gill_client.reply import Reply, ReplyBuilder
 from gill_client.v1 import dialogue_pb2 as pb
 
 DEFAULT_MODEL = "gill"
@@ -229,3 +231,66 @@ class Turn:
 def call_options(turn: Turn, headers: Sequence[tuple[str, str]]) -> dict[str, Any]:
     """Returns the keyword arguments of one ``ModelStreamInfer`` attempt: the time left, and the headers."""
     return {"timeout": turn.remaining(), "metadata": tuple(headers)}
+
+
+class ClientBase:
+    """What the sync and asyncio clients share: the address, TLS, headers, per-turn defaults, and how a turn's
+    request is built (see :class:`~gill_client.GillClient` for the arguments)."""
+
+    def __init__(self, url: str, api_key: str | None, tls: bool | TLS, model: str, timeout: float | None,
+                 retry: RetryPolicy | None, options: ChatOptions | None, api_key_header: str) -> None:
+        self.target, self._tls = parse_url(url, tls)
+        self.model, self.timeout = model, timeout
+        self.retry = retry or RetryPolicy()
+        self.options = options or ChatOptions()
+        self._headers = metadata(api_key, api_key_header)
+
+    def _open(self, grpc_module: Any) -> Any:
+        """Returns a channel made by ``grpc`` or ``grpc.aio`` (secure when TLS is set)."""
+        options = channel_options(self._tls)
+        if self._tls is not None:
+            return grpc_module.secure_channel(self.target, credentials(self._tls), options)
+        return grpc_module.insecure_channel(self.target, options)
+
+    def _spec(self, stub: Any, messages: Messages, options: ChatOptions | None, timeout: float | None,
+              request_id: str | None, on_done: Callable[[Reply], None] | None) -> TurnSpec:
+        """Returns everything a stream needs to run one turn."""
+        chat = build_request(messages, self.options.merged(options), request_id or uuid.uuid4().hex)
+        return TurnSpec(stub, infer_request(self.model, chat), self._headers,
+                        Turn(self.target, chat.request_id, timeout, self.retry), on_done)
+
+
+@dataclass(frozen=True)
+class TurnSpec:
+    """One turn, ready to send: the stub to call, the Triton request, headers, bookkeeping, and a callback for
+    the finished reply (conversations use it)."""
+
+    stub: Any
+    request: Any
+    headers: tuple[tuple[str, str], ...]
+    turn: Turn
+    on_done: Callable[[Reply], None] | None
+
+
+class StreamBase:
+    """What the sync and asyncio streams share: their turn, and iterating only once."""
+
+    def __init__(self, spec: TurnSpec) -> None:
+        self.request_id = spec.turn.request_id
+        self._spec = spec
+        self._turn = spec.turn
+        self._call: Any = None
+        self._started = False
+
+    def _begin(self) -> None:
+        if self._started:
+            raise RuntimeError("a chat stream can be iterated once; call chat() again for another turn")
+        self._started = True
+
+    def _new_call(self) -> Any:
+        spec = self._spec
+        return spec.stub.ModelStreamInfer(iter((spec.request,)), **call_options(self._turn, spec.headers))
+
+    def _finish(self) -> None:
+        if self._spec.on_done is not None:
+            self._spec.on_done(self._turn.builder.reply())

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -17,44 +16,33 @@ from gill_client import _transport as transport
 from gill_client.conversation import AsyncConversation
 from gill_client.errors import Cancelled, Unavailable
 from gill_client.events import Event
-from gill_client.messages import Messages, build_request
+from gill_client.messages import Messages
 from gill_client.options import ChatOptions, RetryPolicy
 from gill_client.reply import Reply
-from gill_client.v1 import dialogue_pb2 as pb
 
 log = logging.getLogger("gill_client")
 _UNSET: Any = object()
 
 
-class AsyncChatStream:
+class AsyncChatStream(transport.StreamBase):
     """One turn in flight. ``async for`` it (once) for typed events; cancelling the task, :meth:`cancel`,
     leaving an ``async with`` block, or leaving the loop early (once the stream is garbage-collected) cancels
     the request on the server. Failures raise :class:`~gill_client.errors.GillClientError` subclasses."""
 
-    def __init__(self, stub: Any, target: str, model: str, request: pb.ChatRequest,
-                 headers: tuple[tuple[str, str], ...], timeout: float | None, retry: RetryPolicy,
-                 on_done: Callable[[Reply], None] | None = None) -> None:
-        self.request_id = request.request_id
-        self._stub, self._headers, self._on_done = stub, headers, on_done
-        self._request = transport.infer_request(model, request)
-        self._turn = transport.Turn(target, request.request_id, timeout, retry)
-        self._call: Any = None
+    def __init__(self, spec: transport.TurnSpec) -> None:
+        super().__init__(spec)
         self._woken = asyncio.Event()
-        self._started = False
 
     def __aiter__(self) -> AsyncIterator[Event]:
         """Yields the turn's events until ``Done`` (inclusive); raises the typed error of a failed turn."""
-        if self._started:
-            raise RuntimeError("an AsyncChatStream can be iterated once; call chat() again for another turn")
-        self._started = True
+        self._begin()
         return self._events()
 
     async def _events(self) -> AsyncIterator[Event]:
         turn = self._turn
         try:
             while True:
-                self._call = call = self._stub.ModelStreamInfer(iter((self._request,)),
-                                                                **transport.call_options(turn, self._headers))
+                self._call = call = self._new_call()
                 if turn.cancelled:
                     call.cancel()
                 try:
@@ -63,8 +51,7 @@ class AsyncChatStream:
                         if event is not None:
                             yield event
                         if finished:
-                            if self._on_done is not None:
-                                self._on_done(turn.builder.reply())
+                            self._finish()
                             return
                     raise turn.ended_early()
                 except asyncio.CancelledError:
@@ -107,7 +94,7 @@ class AsyncChatStream:
         self.cancel()
 
 
-class AsyncGillClient:
+class AsyncGillClient(transport.ClientBase):
     """An asyncio client of a GILL Triton server over one gRPC channel; turns may run concurrently.
 
     Takes the same arguments as :class:`~gill_client.GillClient`. Create it inside the running event loop,
@@ -118,27 +105,19 @@ class AsyncGillClient:
                  model: str = transport.DEFAULT_MODEL, timeout: float | None = transport.DEFAULT_TIMEOUT_S,
                  retry: RetryPolicy | None = None, options: ChatOptions | None = None,
                  api_key_header: str = transport.API_KEY_HEADER) -> None:
-        self.target, tls_settings = transport.parse_url(url, tls)
-        self.model, self.timeout = model, timeout
-        self.retry = retry or RetryPolicy()
-        self.options = options or ChatOptions()
-        self._headers = transport.metadata(api_key, api_key_header)
-        channel_options = transport.channel_options(tls_settings)
-        self._channel = (grpc.aio.secure_channel(self.target, transport.credentials(tls_settings), channel_options)
-                         if tls_settings is not None else grpc.aio.insecure_channel(self.target, channel_options))
+        super().__init__(url, api_key, tls, model, timeout, retry, options, api_key_header)
+        self._channel = self._open(grpc.aio)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
 
     def chat(self, messages: Messages, options: ChatOptions | None = None, *, timeout: float | None = _UNSET,
              request_id: str | None = None) -> AsyncChatStream:
         """Start a turn; returns its :class:`AsyncChatStream` (``async for`` it for events). Arguments as
         :meth:`gill_client.GillClient.chat`."""
-        return self._chat(messages, options, timeout, request_id, None)
+        return self._chat(messages, options, self.timeout if timeout is _UNSET else timeout, request_id, None)
 
     def _chat(self, messages: Messages, options: ChatOptions | None, timeout: float | None, request_id: str | None,
               on_done: Callable[[Reply], None] | None) -> AsyncChatStream:
-        request = build_request(messages, self.options.merged(options), request_id or uuid.uuid4().hex)
-        return AsyncChatStream(self._stub, self.target, self.model, request, self._headers,
-                               self.timeout if timeout is _UNSET else timeout, self.retry, on_done)
+        return AsyncChatStream(self._spec(self._stub, messages, options, timeout, request_id, on_done))
 
     def conversation(self, options: ChatOptions | None = None) -> AsyncConversation:
         """Returns an :class:`~gill_client.AsyncConversation` that keeps the history across turns."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -16,45 +15,34 @@ from gill_client import _transport as transport
 from gill_client.conversation import Conversation
 from gill_client.errors import Unavailable
 from gill_client.events import Event
-from gill_client.messages import Messages, build_request
+from gill_client.messages import Messages
 from gill_client.options import ChatOptions, RetryPolicy
 from gill_client.reply import Reply
-from gill_client.v1 import dialogue_pb2 as pb
 
 log = logging.getLogger("gill_client")
 _UNSET: Any = object()
 
 
-class ChatStream:
+class ChatStream(transport.StreamBase):
     """One turn in flight. Iterate it (once) for typed events; leaving the loop early, :meth:`cancel` (from any
     thread) or leaving a ``with`` block cancels the request on the server. Failures raise
     :class:`~gill_client.errors.GillClientError` subclasses."""
 
-    def __init__(self, stub: Any, target: str, model: str, request: pb.ChatRequest,
-                 headers: tuple[tuple[str, str], ...], timeout: float | None, retry: RetryPolicy,
-                 on_done: Callable[[Reply], None] | None = None) -> None:
-        self.request_id = request.request_id
-        self._stub, self._headers, self._on_done = stub, headers, on_done
-        self._request = transport.infer_request(model, request)
-        self._turn = transport.Turn(target, request.request_id, timeout, retry)
-        self._call: Any = None
+    def __init__(self, spec: transport.TurnSpec) -> None:
+        super().__init__(spec)
         self._lock = threading.Lock()
         self._woken = threading.Event()
-        self._started = False
 
     def __iter__(self) -> Iterator[Event]:
         """Yields the turn's events until ``Done`` (inclusive); raises the typed error of a failed turn."""
-        if self._started:
-            raise RuntimeError("a ChatStream can be iterated once; call chat() again for another turn")
-        self._started = True
+        self._begin()
         return self._events()
 
     def _events(self) -> Iterator[Event]:
         turn = self._turn
         try:
             while True:
-                call = self._stub.ModelStreamInfer(iter((self._request,)),
-                                                   **transport.call_options(turn, self._headers))
+                call = self._new_call()
                 with self._lock:
                     self._call = call
                     if turn.cancelled:
@@ -65,8 +53,7 @@ class ChatStream:
                         if event is not None:
                             yield event
                         if finished:
-                            if self._on_done is not None:
-                                self._on_done(turn.builder.reply())
+                            self._finish()
                             return
                     raise turn.ended_early()
                 except grpc.RpcError as error:
@@ -103,27 +90,22 @@ class ChatStream:
         self.cancel()
 
 
-class GillClient:
+class GillClient(transport.ClientBase):
     """A blocking client of a GILL Triton server over one gRPC channel; thread-safe, turns may overlap.
 
     ``url`` is ``host:port`` (the gRPC port) or ``grpcs://host:port`` for TLS; ``tls`` (True or a
     :class:`~gill_client.TLS`) forces TLS; ``api_key`` is sent with every call in ``api_key_header``;
     ``timeout`` is each turn's default deadline in seconds (None: none); ``retry`` paces retries of turns that
-    could not start (UNAVAILABLE before the first event). Close it, or use it as a context manager.
+    could not start (UNAVAILABLE before the first event); ``options`` are every turn's defaults. Close it, or
+    use it as a context manager.
     """
 
     def __init__(self, url: str = "localhost:8001", *, api_key: str | None = None, tls: bool | transport.TLS = False,
                  model: str = transport.DEFAULT_MODEL, timeout: float | None = transport.DEFAULT_TIMEOUT_S,
                  retry: RetryPolicy | None = None, options: ChatOptions | None = None,
                  api_key_header: str = transport.API_KEY_HEADER) -> None:
-        self.target, tls_settings = transport.parse_url(url, tls)
-        self.model, self.timeout = model, timeout
-        self.retry = retry or RetryPolicy()
-        self.options = options or ChatOptions()
-        self._headers = transport.metadata(api_key, api_key_header)
-        channel_options = transport.channel_options(tls_settings)
-        self._channel = (grpc.secure_channel(self.target, transport.credentials(tls_settings), channel_options)
-                         if tls_settings is not None else grpc.insecure_channel(self.target, channel_options))
+        super().__init__(url, api_key, tls, model, timeout, retry, options, api_key_header)
+        self._channel = self._open(grpc)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
 
     def chat(self, messages: Messages, options: ChatOptions | None = None, *, timeout: float | None = _UNSET,
@@ -134,13 +116,11 @@ class GillClient:
         :class:`~gill_client.Message` or a list of them (see :func:`~gill_client.user`). ``options`` override
         the client's. ``timeout`` overrides the client's deadline for this turn.
         """
-        return self._chat(messages, options, timeout, request_id, None)
+        return self._chat(messages, options, self.timeout if timeout is _UNSET else timeout, request_id, None)
 
     def _chat(self, messages: Messages, options: ChatOptions | None, timeout: float | None, request_id: str | None,
               on_done: Callable[[Reply], None] | None) -> ChatStream:
-        request = build_request(messages, self.options.merged(options), request_id or uuid.uuid4().hex)
-        return ChatStream(self._stub, self.target, self.model, request, self._headers,
-                          self.timeout if timeout is _UNSET else timeout, self.retry, on_done)
+        return ChatStream(self._spec(self._stub, messages, options, timeout, request_id, on_done))
 
     def conversation(self, options: ChatOptions | None = None) -> Conversation:
         """Returns a :class:`~gill_client.Conversation` that keeps the history (text and images) across turns."""
