@@ -183,6 +183,7 @@ class Turn:
         self.attempt = 0
         self.received = False
         self.cancelled = False
+        self.done: Done | None = None
         self.builder = ReplyBuilder()
 
     def remaining(self) -> float | None:
@@ -196,15 +197,20 @@ class Turn:
         return left
 
     def event(self, response: Any) -> tuple[Event | None, bool]:
-        """Returns the typed event of one response (None if it carries none) and whether the turn is over.
-        Raises the server's typed error, or Internal if the stream ends without ``Done``."""
+        """Returns the typed event of one response (None if it carries none, and for ``Done``, which is held
+        in :attr:`done`) and whether the turn is over: ``Done`` seen and the request's final flag arrived, so
+        the server has closed the request itself and nothing is cancelled after a finished turn. Raises the
+        server's typed error, or Internal if the request ends without ``Done``."""
         message, final = chat_event(response, self.request_id)
+        if self.done is not None:
+            return None, final
         event = from_proto(message, self.request_id) if message is not None else None
         if event is not None:
             self.received = True
             self.builder.add(event)
         if isinstance(event, Done):
-            return event, True
+            self.done = event
+            return None, final
         if final:
             raise Internal("the server ended the turn without a Done event; see its log", self.request_id)
         return event, False
@@ -291,6 +297,9 @@ class StreamBase:
         spec = self._spec
         return spec.stub.ModelStreamInfer(iter((spec.request,)), **call_options(self._turn, spec.headers))
 
-    def _finish(self) -> None:
+    def _finish(self) -> Done:
+        """The turn is over: record the reply (conversations) and return the ``Done`` to yield last."""
         if self._spec.on_done is not None:
             self._spec.on_done(self._turn.builder.reply())
+        assert self._turn.done is not None
+        return self._turn.done

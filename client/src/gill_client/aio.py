@@ -51,9 +51,11 @@ class AsyncChatStream(transport.StreamBase):
                         if event is not None:
                             yield event
                         if finished:
-                            self._finish()
-                            return
-                    raise turn.ended_early()
+                            break
+                    if turn.done is None:
+                        raise turn.ended_early()
+                    yield self._finish()  # after the final flag: leaving the loop now cancels nothing
+                    return
                 except asyncio.CancelledError:
                     task = asyncio.current_task()
                     if task is not None and task.cancelling():

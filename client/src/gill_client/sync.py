@@ -53,9 +53,11 @@ class ChatStream(transport.StreamBase):
                         if event is not None:
                             yield event
                         if finished:
-                            self._finish()
-                            return
-                    raise turn.ended_early()
+                            break
+                    if turn.done is None:
+                        raise turn.ended_early()
+                    yield self._finish()  # after the final flag: leaving the loop now cancels nothing
+                    return
                 except grpc.RpcError as error:
                     mapped, wait = turn.failure(error)
                     if wait is None:
