@@ -213,28 +213,38 @@ def serve(
     collection: Annotated[str | None, typer.Option(help="Milvus collection (default gill_cc3m)")] = None,
     allow_private_urls: Annotated[bool, typer.Option(help="let retrieval fetch corpus images from private, "
                                                           "loopback and link-local addresses")] = False,
+    api_key_file: Annotated[Path | None, typer.Option(help="read the API key from this file (keeps it out of "
+                                                          "shell history)")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate: serve gRPC over TLS")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM private key of --tls-cert")] = None,
 ) -> None:
     """Serve GILL with Triton: prepare the backend, start tritonserver, wait until every model is ready."""
     import shutil
     import signal
 
-    from gill.serving.server import TritonServer
+    from gill.serving.server import ServeError, TritonServer
     from gill.tiny import ensure_tiny_checkpoint
 
     try:
         if checkpoint is None:
             with console.status("building the tiny checkpoint (first use only)"):
                 checkpoint = ensure_tiny_checkpoint()
+        if api_key_file is not None:
+            try:
+                api_key = api_key_file.read_text().strip()
+            except OSError as error:
+                raise ServeError(f"{api_key_file}: cannot read the API key ({error.strerror})") from None
         retrieval = {"milvus_uri": milvus_uri or "", "allow_private_urls": str(allow_private_urls).lower()}
         if collection:
             retrieval["collection"] = collection
         server = TritonServer(checkpoint, host, grpc_port, http_port, metrics_port, api_key=api_key,
-                              parameters={"retrieval": retrieval})
+                              parameters={"retrieval": retrieval}, tls_cert=tls_cert, tls_key=tls_key)
         with console.status(f"starting Triton with {checkpoint} (log: {server.log_path})"):
             endpoints = server.start(timeout)
     except GillError as error:
         _fail(error)
-    print(f"gRPC    {endpoints.grpc}   (model 'gill': gill.v1.ChatRequest in, gill.v1.ChatEvent stream out)")
+    scheme = "grpcs://" if server.tls else ""
+    print(f"gRPC    {scheme}{endpoints.grpc}   (model 'gill': gill.v1.ChatRequest in, gill.v1.ChatEvent stream out)")
     print(f"HTTP    {endpoints.http}")
     print(f"metrics {endpoints.metrics}")
     print(f"log     {server.log_path}")
@@ -249,8 +259,11 @@ def serve(
     signal.signal(signal.SIGINT, shut_down)
     signal.signal(signal.SIGTERM, shut_down)
     code = server.wait()
+    clean = code in (0, -signal.SIGINT, -signal.SIGTERM)
+    if not clean:
+        console.print(f"[red]tritonserver exited with code {code}[/red]; the end of its log:\n{server.log_excerpt()}")
     shutil.rmtree(server.work_dir, ignore_errors=True)
-    raise typer.Exit(0 if code in (0, -signal.SIGINT, -signal.SIGTERM) else 1)
+    raise typer.Exit(0 if clean else 1)
 
 
 def _quiet_libraries() -> None:

@@ -14,7 +14,7 @@ import time
 
 import pytest
 from proxy import Proxy
-from wire import API_KEY, PROMPT_GEN, PROMPT_RET, metric
+from wire import API_KEY, PROMPT_GEN, PROMPT_RET, metric, self_signed
 
 from gill.images import png_bytes
 from gill.serving.server import free_port
@@ -255,10 +255,7 @@ def test_health_checks(client):
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a test certificate")
 def test_tls_with_a_private_certificate_authority(server, tmp_path):
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-                   check=True, capture_output=True)
+    cert, key = self_signed(tmp_path)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
     context.set_alpn_protocols(["h2"])

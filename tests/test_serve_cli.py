@@ -10,7 +10,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import requests
+from wire import self_signed
+
+from gill_client import TLS, ChatOptions, Done, GillClient, RetryPolicy, Unavailable
 
 GILL = [sys.executable, "-m", "gill.cli"]
 
@@ -21,9 +25,13 @@ def _serve(checkpoint: Path, *extra: str, env: dict[str, str] | None = None) -> 
                             text=True, start_new_session=True, env={**os.environ, **(env or {})})
 
 
-def test_serve_prints_endpoints_and_stops_cleanly_on_sigterm(tiny_dir):
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a test certificate")
+def test_serve_with_key_and_tls_prints_endpoints_and_stops_cleanly_on_sigterm(tiny_dir, tmp_path):
     key = "serve-cli-key-0123456789"
-    process = _serve(tiny_dir, env={"GILL_API_KEY": key})
+    key_file = tmp_path / "api-key"
+    key_file.write_text(key + "\n")
+    cert, private_key = self_signed(tmp_path)
+    process = _serve(tiny_dir, "--api-key-file", str(key_file), "--tls-cert", str(cert), "--tls-key", str(private_key))
     try:
         lines = {}
         deadline = time.monotonic() + 300
@@ -33,14 +41,20 @@ def test_serve_prints_endpoints_and_stops_cleanly_on_sigterm(tiny_dir):
             name, _, value = line.strip().partition(" ")
             lines[name] = value.strip().split()[0]
         assert {"gRPC", "HTTP", "metrics", "log"} <= set(lines)
-        assert lines["gRPC"].startswith("127.0.0.1:")
+        assert lines["gRPC"].startswith("grpcs://127.0.0.1:")
         assert requests.get(f"{lines['HTTP']}/v2/health/ready", timeout=5).status_code == 200
-        # $GILL_API_KEY restricts everything but health checks.
+        # The key restricts everything but health checks.
         config = f"{lines['HTTP']}/v2/models/gill/config"
         assert requests.get(config, timeout=5).status_code == 403
         assert requests.get(config, headers={"x-api-key": key}, timeout=5).status_code == 200
+        # gRPC is TLS only: a client trusting the certificate gets a turn, a plaintext one gets nowhere.
+        with GillClient(lines["gRPC"], api_key=key, tls=TLS.from_files(ca=cert)) as client:
+            assert isinstance(client.chat("hi", ChatOptions(max_new_tokens=2, max_images=0)).collect().done, Done)
+        plain = lines["gRPC"].removeprefix("grpcs://")
+        with GillClient(plain, api_key=key, retry=RetryPolicy(attempts=1)) as client, pytest.raises(Unavailable):
+            client.chat("hi").collect()
         process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=60) == 0
+        assert process.wait(timeout=60) == 0, process.stderr.read()
         # Triton and its model stubs are gone with it.
         time.sleep(1)
         survivors = subprocess.run(["pgrep", "-s", str(process.pid)], capture_output=True, text=True).stdout.split()

@@ -157,13 +157,20 @@ class TritonServer:
 
     def __init__(self, checkpoint: str | Path, host: str = "127.0.0.1", grpc_port: int = 0, http_port: int = 0,
                  metrics_port: int = 0, models: tuple[str, ...] = ALL_MODELS, work_dir: Path | None = None,
-                 api_key: str | None = None, parameters: dict[str, dict[str, str]] | None = None) -> None:
+                 api_key: str | None = None, parameters: dict[str, dict[str, str]] | None = None,
+                 tls_cert: Path | None = None, tls_key: Path | None = None) -> None:
         if api_key is not None and not _API_KEY.fullmatch(api_key):
             raise ServeError("an API key must be 16 to 256 characters of letters, digits and . _ ~ + / - "
                              "(for example: python -c 'import secrets; print(secrets.token_urlsafe(32))')")
         self.checkpoint = Path(checkpoint)
         self.api_key = api_key
         self.parameters = parameters or {}
+        if (tls_cert is None) != (tls_key is None):
+            raise ServeError("TLS needs both a certificate (--tls-cert) and its private key (--tls-key)")
+        for path in (tls_cert, tls_key):
+            if path is not None and not Path(path).is_file():
+                raise ServeError(f"{path}: no such file (TLS certificate and key are PEM files)")
+        self.tls = (Path(tls_cert).resolve(), Path(tls_key).resolve()) if tls_cert and tls_key else None
         self.endpoints = Endpoints(host, grpc_port or free_port(host), http_port or free_port(host),
                                    metrics_port or free_port(host))
         self.models = models
@@ -186,7 +193,15 @@ class TritonServer:
             # Model load includes torch imports and weights; the default 30 s is short on two cores.
             "--backend-config=python,stub-timeout-seconds=120",
             *self._restrictions(),
+            *self._tls_options(),
         ]
+
+    def _tls_options(self) -> list[str]:
+        """gRPC over TLS with the given PEM certificate and key (HTTP stays on loopback-friendly plaintext)."""
+        if self.tls is None:
+            return []
+        cert, key = self.tls
+        return ["--grpc-use-ssl=true", f"--grpc-server-cert={cert}", f"--grpc-server-key={key}"]
 
     def _restrictions(self) -> list[str]:
         """With an API key, every request but health checks must carry it in the ``x-api-key`` header."""
