@@ -19,6 +19,7 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,40 +53,32 @@ class Turn:
     timings: dict[str, float] = field(default_factory=dict)  # the pipeline's own, from Done
 
 
-def served_turn(client: GillClient, message: Message, options: ChatOptions) -> Turn:
+def timed(events: Iterable, text_type: type, done_type: type, path: str) -> Turn:
+    """Consume one turn's events (the server's typed client events or the pipeline's own, which name their
+    text and done events alike), timing the first text event and the done event."""
     pieces: list[str] = []
     first = None
     start = time.perf_counter()
-    for event in client.chat(message, options):
-        if isinstance(event, WireText):
+    for event in events:
+        if isinstance(event, text_type):
             if first is None:
                 first = time.perf_counter() - start
             pieces.append(event.text)
-        elif isinstance(event, WireDone):
+        elif isinstance(event, done_type):
             wall = time.perf_counter() - start
-            assert "".join(pieces) == event.text, "served text deltas must add up to Done.text"
+            assert "".join(pieces) == event.text, f"{path} text deltas must add up to Done.text"
             if first is None:
-                raise RuntimeError("served turn produced no text event; cannot measure time to first token")
+                raise RuntimeError(f"{path} turn produced no text event; cannot measure time to first token")
             return Turn(wall, first, event.text, event.generated_tokens, dict(event.timings))
-    raise RuntimeError("served stream ended without a Done event")
+    raise RuntimeError(f"{path} stream ended without a Done event")
+
+
+def served_turn(client: GillClient, message: Message, options: ChatOptions) -> Turn:
+    return timed(client.chat(message, options), WireText, WireDone, "served")  # lazy: the call starts in timed
 
 
 def local_turn(pipeline: Pipeline, parts, options) -> Turn:
-    pieces: list[str] = []
-    first = None
-    start = time.perf_counter()
-    for event in pipeline.stream(parts, options):
-        if isinstance(event, TextDelta):
-            if first is None:
-                first = time.perf_counter() - start
-            pieces.append(event.text)
-        elif isinstance(event, Done):
-            wall = time.perf_counter() - start
-            assert "".join(pieces) == event.text, "in-process text deltas must add up to Done.text"
-            if first is None:
-                raise RuntimeError("in-process turn produced no text event; cannot measure time to first token")
-            return Turn(wall, first, event.text, event.generated_tokens, dict(event.timings))
-    raise RuntimeError("pipeline stream ended without a Done event")
+    return timed(pipeline.stream(parts, options), TextDelta, Done, "in-process")
 
 
 def median(turns: list[Turn], key) -> float:

@@ -86,15 +86,15 @@ def parse_url(url: str, tls: bool | TLS) -> tuple[str, TLS | None]:
 
 def channel_options(tls: TLS | None) -> list[tuple[str, Any]]:
     """Returns the channel options: large messages, quick reconnects (the retry policy paces attempts, not
-    gRPC's own one-second-and-up reconnect backoff), keepalive for long turns behind proxies."""
+    gRPC's own one-second-and-up reconnect backoff)."""
     options: list[tuple[str, Any]] = [
         ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
         ("grpc.initial_reconnect_backoff_ms", 100),
         ("grpc.min_reconnect_backoff_ms", 100),
         ("grpc.max_reconnect_backoff_ms", 2000),
-        ("grpc.keepalive_time_ms", 30_000),
-        ("grpc.keepalive_permit_without_calls", 0),
+        # No client keepalive pings: Triton's default policy answers pings more often than every 5 minutes
+        # with GOAWAY "too_many_pings", which would drop every call on the channel.
     ]
     if tls is not None and tls.server_name:
         options.append(("grpc.ssl_target_name_override", tls.server_name))
@@ -183,6 +183,7 @@ class Turn:
         self.attempt = 0
         self.received = False
         self.cancelled = False
+        self.complete = False  # the call ended by itself after the final flag: nothing left to cancel
         self.done: Done | None = None
         self.builder = ReplyBuilder()
 

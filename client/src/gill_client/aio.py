@@ -46,15 +46,17 @@ class AsyncChatStream(transport.StreamBase):
                 if turn.cancelled:
                     call.cancel()
                 try:
+                    finished = False
                     async for response in call:
+                        if finished:
+                            continue  # after the final flag: read to the end so the call ends by itself
                         event, finished = turn.event(response)
                         if event is not None:
                             yield event
-                        if finished:
-                            break
                     if turn.done is None:
                         raise turn.ended_early()
-                    yield self._finish()  # after the final flag: leaving the loop now cancels nothing
+                    turn.complete = True
+                    yield self._finish()  # the call is over: leaving the loop now cancels nothing
                     return
                 except asyncio.CancelledError:
                     task = asyncio.current_task()
@@ -77,6 +79,8 @@ class AsyncChatStream(transport.StreamBase):
 
     def cancel(self) -> None:
         """Cancel the turn on the server (a no-op once it ended)."""
+        if self._turn.complete:
+            return
         self._turn.cancelled = True
         self._woken.set()
         if self._call is not None:

@@ -48,15 +48,17 @@ class ChatStream(transport.StreamBase):
                     if turn.cancelled:
                         call.cancel()
                 try:
+                    finished = False
                     for response in call:
+                        if finished:
+                            continue  # after the final flag: read to the end so the call ends by itself
                         event, finished = turn.event(response)
                         if event is not None:
                             yield event
-                        if finished:
-                            break
                     if turn.done is None:
                         raise turn.ended_early()
-                    yield self._finish()  # after the final flag: leaving the loop now cancels nothing
+                    turn.complete = True
+                    yield self._finish()  # the call is over: leaving the loop now cancels nothing
                     return
                 except grpc.RpcError as error:
                     mapped, wait = turn.failure(error)
@@ -72,6 +74,8 @@ class ChatStream(transport.StreamBase):
     def cancel(self) -> None:
         """Cancel the turn on the server (a no-op once it ended)."""
         with self._lock:
+            if self._turn.complete:
+                return
             self._turn.cancelled = True
             call = self._call
         self._woken.set()
