@@ -6,6 +6,7 @@ A checkpoint directory (the real one after ``gill download`` + ``gill convert``,
     gill_adapters.safetensors       the trainable modules, official keys (``model.visual_fc.weight`` ...)
     decision_model.safetensors      retrieve-or-generate head (``1.weight`` [2, D], ``1.bias`` [2])
     retrieval_embeddings.npz        optional: ``embeddings`` [N, 256] float32 (raw) and ``urls`` [N]
+    SHA256SUMS                      sha256 of every file, checked before serving (gill.integrity)
     pretrained_ckpt.pth.tar ...     the official pickles, kept only as conversion inputs; never read at serve time
 """
 
@@ -14,11 +15,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from gill.adapters import ADAPTER_KEY_PREFIX, GILLAdapters, make_decision_head
-from gill.config import GILLArgs
+from gill.config import GILLArgs, resolve_source
 from gill.convert import ADAPTERS_FILE, DECISION_FILE
 from gill.errors import CheckpointError
 
@@ -67,15 +68,69 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: unreadable safetensors file ({error})") from error
 
 
+def _read_shapes(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file as meta tensors (shapes only): reads the header, not the data."""
+    if not path.is_file():
+        _read_safetensors(path)  # raises the not-found error
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: torch.empty(handle.get_slice(key).get_shape(), device="meta") for key in handle.keys()}
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{path}: unreadable safetensors file ({error})") from error
+
+
+def _check_widths(path: Path, widths: tuple[int, int], lm_width: int | None, vision_width: int | None) -> None:
+    """The adapters' (lm_width, vision_width) against the base models'; None: not known, not checked."""
+    if (lm_width is not None and widths[0] != lm_width) or (vision_width is not None and widths[1] != vision_width):
+        raise CheckpointError(f"{path}: adapters were trained for LM width {widths[0]} and vision width {widths[1]}, "
+                              f"but the base models have {lm_width} and {vision_width}; check opt_version "
+                              "and visual_encoder in model_args.json")
+
+
+def _check_decision_state(state: dict[str, torch.Tensor], lm_width: int, path: Path) -> None:
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    if shapes != {"1.weight": (2, lm_width), "1.bias": (2,)}:
+        raise CheckpointError(f"{path}: expected 1.weight of shape (2, {lm_width}) and 1.bias of shape (2,) for "
+                              f"this LM; got {sorted(shapes.items())}")
+
+
+def local_base_widths(args: GILLArgs, directory: Path) -> tuple[int | None, int | None]:
+    """(lm_width, vision_width) from the base models' config files where they are folders on disk; None for a
+    hub id (reading its config could mean a download; loading checks it)."""
+    from transformers import AutoConfig, CLIPVisionConfig
+
+    widths: list[int | None] = []
+    for source, config_class in ((args.opt_version, AutoConfig), (args.visual_encoder, CLIPVisionConfig)):
+        path = Path(resolve_source(source, directory))
+        if not path.is_dir():
+            widths.append(None)
+            continue
+        try:
+            widths.append(config_class.from_pretrained(path).hidden_size)
+        except (OSError, ValueError) as error:
+            raise CheckpointError(f"{path / 'config.json'}: unreadable base-model config ({error})") from error
+    return widths[0], widths[1]
+
+
+def check_shapes(directory: str | Path) -> None:
+    """Raise :class:`CheckpointError`, naming the file, when ``model_args.json`` is invalid or the adapters or
+    decision head do not fit it and the base models: the checks of :func:`load_adapters` and
+    :func:`load_decision_head`, from safetensors headers and config files only (no weights are read)."""
+    directory = Path(directory)
+    args = GILLArgs.load(directory)
+    path = directory / ADAPTERS_FILE
+    widths = check_adapter_state(_read_shapes(path), args, str(path))
+    _check_widths(path, widths, *local_base_widths(args, directory))
+    decision = directory / DECISION_FILE
+    if decision.exists():
+        _check_decision_state(_read_shapes(decision), widths[0], decision)
+
+
 def load_adapters(directory: Path, args: GILLArgs, lm_width: int, vision_width: int) -> GILLAdapters:
     """The adapters, checked against ``args`` and the base models' widths, in float32 on the CPU."""
     path = directory / ADAPTERS_FILE
     state = _read_safetensors(path)
-    widths = check_adapter_state(state, args, str(path))
-    if widths != (lm_width, vision_width):
-        raise CheckpointError(f"{path}: adapters were trained for LM width {widths[0]} and vision width {widths[1]}, "
-                              f"but the base models have {lm_width} and {vision_width}; check opt_version "
-                              "and visual_encoder in model_args.json")
+    _check_widths(path, check_adapter_state(state, args, str(path)), lm_width, vision_width)
     adapters = GILLAdapters(args, lm_width, vision_width)
     adapters.load_state_dict({k.removeprefix(ADAPTER_KEY_PREFIX): v.float() for k, v in state.items()})
     return adapters.eval()
@@ -88,9 +143,7 @@ def load_decision_head(directory: Path, lm_width: int) -> torch.nn.Sequential | 
         return None
     state = _read_safetensors(path)
     head = make_decision_head(lm_width)
-    if "1.weight" not in state or tuple(state["1.weight"].shape) != (2, lm_width):
-        raise CheckpointError(f"{path}: expected 1.weight of shape (2, {lm_width}) for this LM; "
-                              f"got {[(k, tuple(v.shape)) for k, v in state.items()]}")
+    _check_decision_state(state, lm_width, path)
     head.load_state_dict({k: v.float() for k, v in state.items()})
     return head.eval()
 

@@ -103,7 +103,7 @@ class GILLArgs:
                 values[name] = tuple(values[name])
         try:
             return cls(**values, training_fields=training)
-        except TypeError as error:
+        except (TypeError, CheckpointError) as error:
             raise CheckpointError(f"{source}: {error}") from error
 
     @classmethod

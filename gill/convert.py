@@ -121,7 +121,9 @@ def convert_adapters(source: Path, target: Path) -> None:
     args = GILLArgs.load(args_file) if args_file.exists() else GILLArgs()
     state = _torch_state_dict(source)
     check_adapter_state(state, args, str(source))
-    save_file(dict(state), str(target), metadata={"source": source.name, "format": "gill-adapters-v1"})
+    # One metadata entry: safetensors writes several in hash-map order, and the same weights must give the same
+    # bytes (SHA256SUMS of a rebuilt tiny checkpoint). The source is pretrained_ckpt.pth.tar, the format says it.
+    save_file(dict(state), str(target), metadata={"format": "gill-adapters-v1"})
 
 
 def convert_decision(source: Path, target: Path) -> None:
@@ -137,8 +139,9 @@ def convert_embeddings(source: Path, target: Path) -> None:
     np.savez(target, embeddings=matrix, urls=np.array(urls, dtype=np.str_))
 
 
-def convert_directory(directory: str | Path, overwrite: bool = True) -> list[Path]:
-    """Convert every official file found in ``directory``; returns the files written."""
+def convert_directory(directory: str | Path, overwrite: bool = True, checksums: bool = True) -> list[Path]:
+    """Convert every official file found in ``directory``; returns the files written. With ``checksums``, their
+    sha256s go into the directory's ``SHA256SUMS`` (a whole one is written where there is none yet)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory")
@@ -160,4 +163,8 @@ def convert_directory(directory: str | Path, overwrite: bool = True) -> list[Pat
     if not written and not (directory / ADAPTERS_FILE).exists():
         raise CheckpointError(f"{directory}: no official files to convert (expected {OFFICIAL_ADAPTERS}, "
                               f"{OFFICIAL_DECISION}, {OFFICIAL_EMBEDDINGS_GLOB})")
+    if checksums and written:
+        from gill.integrity import update_checksums
+
+        update_checksums(directory, written)
     return written

@@ -16,6 +16,8 @@ asked). The layout of DIR afterwards::
     model_args.json             the same, with opt_version / visual_encoder / sd_version set to the folders above
     cc3m_embeddings_urls.npy    only with include_embeddings: retrieval embeddings (Space jykoh/gill, 2.89 GB)
     download-lock.json          the sha256 of every verified file
+    SHA256SUMS                  the sha256 of every file of the checkpoint (sha256sum format; gill.integrity),
+                                from the verified hashes; gill convert adds the files it writes
 
 Integrity: a file's expected sha256 is, in order, the manifest's, the lock file's (from an earlier run), the
 server's ``X-Linked-Etag`` header (the Hugging Face Hub puts the sha256 of LFS files there), or else the hash of
@@ -50,6 +52,7 @@ from tqdm.auto import tqdm
 
 from gill.config import GILLArgs
 from gill.errors import CheckpointError, DownloadError, InputError
+from gill.integrity import write_checksums
 
 MANIFEST_PATH = Path(__file__).resolve().parent / "data" / "manifest.json"
 # The reference's model_args.json in a source checkout; used only when the downloaded one is absent or unreadable.
@@ -470,6 +473,8 @@ def download(directory: str | Path, *, manifest: Manifest | str | Path | None = 
     paths = [directory / e.local_path for e in entries]
     if manifest.model_args is not None:
         paths.append(write_model_args(directory, manifest.model_args))
+    write_checksums(directory, known={e.local_path: lock[e.local_path]["sha256"] for e in entries},
+                    progress=False if quiet else None)
     if not quiet:
         tqdm.write(f"gill download: {len(entries)} files verified in {directory} "
                    f"({len(entries) - len(outcomes['present'])} fetched, {len(outcomes['present'])} already present)")

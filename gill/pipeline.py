@@ -67,8 +67,16 @@ class Pipeline:
     def from_checkpoint(cls, directory: str | Path, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, load_diffusion: bool = True,
                         load_retrieval: bool = True, safety_checker: bool = False,
-                        retrieval: RetrievalSettings | None = None) -> Pipeline:
-        """Everything in this process (see :meth:`LocalComponents.from_checkpoint`)."""
+                        retrieval: RetrievalSettings | None = None, verify: bool = True) -> Pipeline:
+        """Everything in this process (see :meth:`LocalComponents.from_checkpoint`).
+
+        ``verify``: first check the files against ``SHA256SUMS`` (:func:`gill.integrity.verify_checkpoint`; the
+        loaders check shapes themselves); after the first check, only files changed since are hashed again.
+        """
+        if verify:
+            from gill.integrity import verify_checkpoint
+
+            verify_checkpoint(directory, shapes=False)
         return cls(LocalComponents.from_checkpoint(directory, device, dtype, load_diffusion, load_retrieval,
                                                    safety_checker, retrieval))
 

@@ -244,6 +244,7 @@ def _write_official_files(directory: Path, preset: Preset, args: GILLArgs, token
 def make_checkpoint(directory: str | Path, seed: int = 0, preset: str = "tiny") -> Path:
     """Build a complete checkpoint directory offline; same seed and preset -> same weights."""
     from gill.convert import convert_directory
+    from gill.integrity import write_checksums
     from gill.tokens import load_tokenizer
 
     if preset not in PRESETS:
@@ -263,7 +264,8 @@ def make_checkpoint(directory: str | Path, seed: int = 0, preset: str = "tiny") 
     _build_vision(directory / "clip", sizes, seed + 2)
     _build_sd(directory / "sd", sizes, seed + 3)
     _write_official_files(directory, sizes, args, tokens.vocab_size, seed + 4)
-    convert_directory(directory)
+    convert_directory(directory, checksums=False)
+    write_checksums(directory)  # all of it: a rebuild over an older directory leaves no stale line
     return directory
 
 
@@ -276,9 +278,13 @@ def default_home() -> Path:
 
 def ensure_tiny_checkpoint(directory: Path | None = None, seed: int = 0) -> Path:
     """The tiny checkpoint, built on first use (a marker file guards against a half-built directory)."""
+    from gill.integrity import CHECKSUMS_FILE, write_checksums
+
     directory = directory or default_home() / f"tiny-seed{seed}"
     marker = directory / ".complete"
     if not marker.exists():
         make_checkpoint(directory, seed=seed)
         marker.write_text("built by gill make-tiny\n")
+    elif not (directory / CHECKSUMS_FILE).exists():
+        write_checksums(directory)  # built by a gill from before SHA256SUMS: record it as it is
     return directory

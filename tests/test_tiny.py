@@ -11,6 +11,7 @@ def test_same_seed_same_weights_other_seed_other_weights(tmp_path, tiny_dir):
     same = load_file(again / "gill_adapters.safetensors")
     different = load_file(other / "gill_adapters.safetensors")
     assert all(torch.equal(reference[k], same[k]) for k in reference)
+    assert (again / "SHA256SUMS").read_text() == (tiny_dir / "SHA256SUMS").read_text()  # byte for byte, every file
     assert not torch.equal(reference["model.visual_fc.weight"], different["model.visual_fc.weight"])
     for name in ("model.decoder.layers.0.fc1.weight", "model.decoder.embed_tokens.weight"):
         assert torch.equal(load_file(again / "lm" / "model.safetensors")[name],
