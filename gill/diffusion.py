@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,11 +27,20 @@ def latents_to_preview(latents: torch.Tensor) -> Image.Image:
 
 
 class ImageGenerator:
-    """Wraps a diffusers ``StableDiffusionPipeline``; only ever called when the decision is "generate"."""
+    """Wraps a diffusers ``StableDiffusionPipeline``; only ever called when the decision is "generate".
+
+    Safe to call from several threads (the served ``diffusion`` model runs each request on its own): one image
+    is denoised at a time.
+    """
 
     def __init__(self, pipe) -> None:
         self.pipe = pipe
         self.pipe.set_progress_bar_config(disable=True)
+        # A diffusers pipeline call is not reentrant: the scheduler's timesteps and step index, and the
+        # pipeline's _interrupt and _guidance_scale, live on the shared objects. Two requests denoising at once
+        # corrupt each other's images (or fail with an IndexError in the scheduler), and one request's cancel
+        # would stop the other.
+        self._lock = threading.Lock()
         self._negative: torch.Tensor | None = None
         self.steps_run = 0  # denoising steps executed, for tests and metrics
 
@@ -86,15 +96,16 @@ class ImageGenerator:
                 on_preview(step + 1, len(pipe.scheduler.timesteps), latents_to_preview(tensors["latents"]))
             return {}
 
-        embeds = prompt_embeds.to(self.device, self.pipe.unet.dtype)
-        negative = self._negative_embeddings().to(embeds.dtype) if guidance_scale > 1 else None
-        latents = self.pipe(
-            prompt_embeds=embeds, negative_prompt_embeds=negative, guidance_scale=guidance_scale,
-            num_inference_steps=num_inference_steps, generator=generator, output_type="latent",
-            callback_on_step_end=on_step_end).images
-        if cancelled:
-            return None
-        return self._decode(latents)
+        with self._lock:
+            embeds = prompt_embeds.to(self.device, self.pipe.unet.dtype)
+            negative = self._negative_embeddings().to(embeds.dtype) if guidance_scale > 1 else None
+            latents = self.pipe(
+                prompt_embeds=embeds, negative_prompt_embeds=negative, guidance_scale=guidance_scale,
+                num_inference_steps=num_inference_steps, generator=generator, output_type="latent",
+                callback_on_step_end=on_step_end).images
+            if cancelled:
+                return None
+            return self._decode(latents)
 
     def _decode(self, latents: torch.Tensor) -> Image.Image:
         vae = self.pipe.vae
