@@ -65,6 +65,21 @@ class ImageTokenRule(LogitsProcessor):
         return scores
 
 
+class StableScores(LogitsProcessor):
+    """Shift each row so its largest score is 0 (softmax and the top-p set do not change), before temperature.
+
+    Without it a tiny temperature (``1e-45``) divides scores into several ``+inf``, and a huge scale factor
+    makes the ``[IMG0]`` score ``+inf``; softmax then computes ``inf - inf = nan`` and sampling fails. A row
+    with ``+inf`` scores keeps only those (the limit the overflow stood for); after the shift a tiny
+    temperature tends to greedy decoding, as it should.
+    """
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        top = torch.isposinf(scores)
+        scores = torch.where(top.any(dim=-1, keepdim=True), torch.where(top, 0.0, -float("inf")), scores)
+        return scores - scores.max(dim=-1, keepdim=True).values
+
+
 @dataclass
 class TokenStep:
     """One sampled token per row (None for rows that had already finished), yielded before the next forward."""
@@ -154,6 +169,7 @@ class Decoder:
         rule = ImageTokenRule(self.tokens.img, options)
         processors = LogitsProcessorList([rule])
         if options.temperature > 0:
+            processors.append(StableScores())
             processors.append(TemperatureLogitsWarper(options.temperature))
             if options.top_p < 1:
                 processors.append(TopPLogitsWarper(options.top_p))

@@ -9,6 +9,10 @@ class InputError(GillError, ValueError):
     """A request, prompt, image or option is invalid; the message says what is allowed."""
 
 
+class ConfigError(GillError):
+    """A server or model setting (a limit, a config parameter) is invalid; the message names it and what is allowed."""
+
+
 class CheckpointError(GillError):
     """A checkpoint directory or file is missing, malformed, or unsafe to load."""
 

@@ -61,7 +61,8 @@ def _decode(data: bytes, what: str) -> Image.Image:
         except InputError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-            raise InputError(f"{what}: declared size is too large ({error})") from error
+            raise InputError(f"{what}: declared size is too large (a decompression bomb?); at most "
+                             f"{MAX_IMAGE_PIXELS} pixels are allowed") from error
         except UnidentifiedImageError as error:
             raise InputError(f"{what}: not a recognised image format (PNG, JPEG, WebP, GIF, BMP, TIFF ...)") from error
         except (OSError, SyntaxError, ValueError) as error:

@@ -18,63 +18,58 @@ from google.protobuf.message import DecodeError
 from gill.errors import InputError
 from gill.events import DiffusionPreview, Done, Event, ImageRequest, ImageResult, Notice, TextDelta
 from gill.images import png_bytes
+from gill.limits import Limits
 from gill.options import GenerationOptions
 from gill_client.v1 import dialogue_pb2 as pb
 
 if TYPE_CHECKING:
     from gill.pipeline import Part
 
-# Limits on one request, checked before any image is decoded; raise them deliberately, not by accident.
-MAX_REQUEST_BYTES = 64 * 1024 * 1024  # serialized ChatRequest
-MAX_MESSAGES = 64  # messages in the conversation
-MAX_PARTS = 256  # text and image parts over all messages
-MAX_IMAGES_PER_REQUEST = 16  # image parts over all messages
-
 _ROLES = {pb.ROLE_USER: "ROLE_USER", pb.ROLE_ASSISTANT: "ROLE_ASSISTANT"}
 
 
-def request_from_bytes(data: bytes | bytearray | memoryview) -> pb.ChatRequest:
+def request_from_bytes(data: bytes | bytearray | memoryview, limits: Limits = Limits()) -> pb.ChatRequest:
     """Parse a serialized :class:`ChatRequest`; returns it with every message's role known and specified.
 
-    Raises :class:`InputError` for more than :data:`MAX_REQUEST_BYTES`, bytes that do not decode, and roles
-    other than ``ROLE_USER`` / ``ROLE_ASSISTANT`` (proto3 keeps unknown enum numbers; they are rejected).
+    Raises :class:`InputError` for more than ``limits.max_request_bytes``, bytes that do not decode (invalid
+    UTF-8 in a string field included), and roles other than ``ROLE_USER`` / ``ROLE_ASSISTANT`` (proto3 keeps
+    unknown enum numbers; they are rejected).
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise InputError(f"a request must be the serialized gill.v1.ChatRequest bytes, got {type(data).__name__}")
-    size = memoryview(data).nbytes
-    if size > MAX_REQUEST_BYTES:
-        raise InputError(f"request is {size} bytes; at most {MAX_REQUEST_BYTES} bytes are allowed "
-                         f"(send fewer or smaller images)")
+    limits.check("max_request_bytes", memoryview(data).nbytes, f"request is {memoryview(data).nbytes} bytes",
+                 "send fewer or smaller images")
     request = pb.ChatRequest()
     try:
         request.ParseFromString(bytes(data))
     except DecodeError as error:
-        raise InputError(f"request bytes are not a valid gill.v1.ChatRequest ({error})") from None
+        raise InputError(f"request bytes are not a valid gill.v1.ChatRequest: not protobuf, truncated, or a string "
+                         f"field (text, mime_type, request_id) that is not UTF-8 ({error})") from None
     for index, message in enumerate(request.messages):
         _check_role(index, message.role)
     return request
 
 
-def parts_from_request(request: pb.ChatRequest) -> list[Part]:
+def parts_from_request(request: pb.ChatRequest, limits: Limits = Limits()) -> list[Part]:
     """Flatten the conversation into the pipeline's interleaved parts; returns ``str`` and ``bytes`` parts.
 
     In message order and part order: an image becomes its encoded ``bytes``; text of a user message becomes
     ``"Q: {text}\\nA:"`` and text of an assistant message ``" {text}\\n"`` (the reference's dialogue format).
     The last message must be the user's. Raises :class:`InputError` for an empty conversation, an empty
     message or part, an unspecified or unknown role, an image with no data or a non-image MIME type, and
-    more than :data:`MAX_MESSAGES` messages, :data:`MAX_PARTS` parts or :data:`MAX_IMAGES_PER_REQUEST` images.
+    more messages, parts, images or characters of text than ``limits`` allow.
     """
     messages = request.messages
     if not messages:
         raise InputError("request has no messages: send at least one user message")
-    if len(messages) > MAX_MESSAGES:
-        raise InputError(f"request has {len(messages)} messages; at most {MAX_MESSAGES} are allowed")
+    limits.check("max_messages", len(messages), f"request has {len(messages)} messages")
     total_parts = sum(len(message.parts) for message in messages)
-    if total_parts > MAX_PARTS:
-        raise InputError(f"request has {total_parts} parts over all messages; at most {MAX_PARTS} are allowed")
+    limits.check("max_parts", total_parts, f"request has {total_parts} parts over all messages")
     total_images = sum(part.HasField("image") for message in messages for part in message.parts)
-    if total_images > MAX_IMAGES_PER_REQUEST:
-        raise InputError(f"request has {total_images} images; at most {MAX_IMAGES_PER_REQUEST} are allowed")
+    limits.check("max_images_per_request", total_images, f"request has {total_images} images")
+    total_chars = sum(len(part.text) for message in messages for part in message.parts)
+    limits.check("max_text_chars", total_chars, f"request has {total_chars} characters of text",
+                 "shorten the conversation")
     parts: list[Part] = []
     for m, message in enumerate(messages):
         _check_role(m, message.role)
@@ -110,24 +105,26 @@ def shown_corpus_ids(request: pb.ChatRequest) -> frozenset[int]:
                      if part.HasField("image") and part.image.HasField("corpus_id"))
 
 
-def options_from_request(request: pb.ChatRequest,
-                         defaults: GenerationOptions | None = None) -> GenerationOptions:
+def options_from_request(request: pb.ChatRequest, defaults: GenerationOptions | None = None,
+                         limits: Limits = Limits()) -> GenerationOptions:
     """Returns ``defaults`` (or :class:`GenerationOptions` ``()``) with the fields the request set overriding them.
 
     Only fields present on the wire count (``HasField``); float32 values are read back as their shortest
-    decimal (``0.7``, not ``0.699999988``). Out-of-range values raise :class:`InputError` from
-    :class:`GenerationOptions`' own validation.
+    decimal (``0.7``, not ``0.699999988``). Nonsensical values (NaN, negative ...) raise :class:`InputError`
+    from :class:`GenerationOptions`' own validation, values over ``limits`` from :meth:`Limits.check_options`;
+    a default over a limit is lowered to the limit.
     """
-    defaults = defaults if defaults is not None else GenerationOptions()
+    defaults = limits.cap(defaults if defaults is not None else GenerationOptions())
     if not request.HasField("options"):
         return defaults
-    options = request.options
     overrides: dict[str, Any] = {}
-    for field, value in options.ListFields():  # exactly the fields present (HasField) on the wire
+    for field, value in request.options.ListFields():  # exactly the fields present (HasField) on the wire
         if field.type == FieldDescriptor.TYPE_FLOAT:
             value = float(str(np.float32(value)))
         overrides[field.name] = value
-    return dataclasses.replace(defaults, **overrides)  # runs GenerationOptions' validation
+    options = dataclasses.replace(defaults, **overrides)  # runs GenerationOptions' validation
+    limits.check_options(options)
+    return options
 
 
 def event_to_proto(event: Event) -> pb.ChatEvent | None:

@@ -93,6 +93,23 @@ def test_seeded_sampling_repeats_and_seeds_differ(pipeline):
     assert sample(3) != sample(4)
 
 
+@pytest.mark.parametrize("options", [
+    {"temperature": 1e-45},  # the smallest float32: scores / temperature overflow to +inf
+    {"temperature": 1e-45, "top_p": 1e-45},
+    {"temperature": 1.0, "ret_scale_factor": 3.4e38},  # the [IMG0] score overflows to +inf
+], ids=["tiny-temperature", "tiny-temperature-and-top-p", "huge-scale-factor"])
+def test_sampling_survives_scores_that_overflow(pipeline, options):
+    """Found by tests/test_fuzz.py: these raised "probability tensor contains either inf, nan" (INTERNAL)."""
+    prompt = _prompt(pipeline)
+    greedy = GenerationOptions(max_new_tokens=8, stop_at_newline=False, stop_at_eos=False, max_images=0)
+    sampled = GenerationOptions(**{**greedy.to_dict(), "max_images": 1, "seed": 0, **options})
+    tokens, images, _ = _decode(pipeline, [prompt], sampled)
+    if "ret_scale_factor" in options:
+        assert len(images[0]) == 1  # an infinitely favoured image is shown
+    else:  # a temperature tending to 0 tends to greedy decoding
+        assert tokens == _decode(pipeline, [prompt], greedy)[0]
+
+
 def test_cancellation_stops_within_one_step(pipeline):
     calls = []
     handle = pipeline.components.model.lm.get_decoder().register_forward_hook(lambda *args: calls.append(1))
@@ -153,7 +170,7 @@ def test_over_long_context_is_a_clear_error(pipeline):
     ({"temperature": 1.0, "top_p": 1.5}, "top_p"),
     ({"top_p": 0.9}, "greedy"),
     ({"max_new_tokens": 0}, "max_new_tokens"),
-    ({"max_new_tokens": 10**9}, "max_new_tokens"),
+    ({"max_new_tokens": 1.5}, "max_new_tokens"),  # budgets (10**9 tokens) are a server limit: test_limits.py
     ({"num_inference_steps": 0}, "num_inference_steps"),
     ({"ret_scale_factor": float("inf")}, "ret_scale_factor"),
     ({"max_images": -1}, "max_images"),

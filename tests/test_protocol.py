@@ -18,6 +18,7 @@ from gill import protocol
 from gill.errors import InputError
 from gill.events import DiffusionPreview, Done, ImageRequest, ImageResult, TextDelta
 from gill.images import load_image
+from gill.limits import Limits
 from gill.options import GenerationOptions
 from gill.protocol import (
     error_event,
@@ -95,15 +96,15 @@ def test_non_bytes_rejected() -> None:
         request_from_bytes("hello")  # type: ignore[arg-type]
 
 
-def test_oversized_request_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_oversized_request_rejected() -> None:
     data = _request(_user(_image(b"x" * 2000))).SerializeToString()
-    monkeypatch.setattr(protocol, "MAX_REQUEST_BYTES", 1000)
-    with pytest.raises(InputError, match=r"at most 1000 bytes"):
-        request_from_bytes(data)
+    with pytest.raises(InputError, match=r"this server allows at most 1000 \(limit max_request_bytes"):
+        request_from_bytes(data, Limits(max_request_bytes=1000))
+    assert request_from_bytes(data) == pb.ChatRequest.FromString(data)  # the default limit: 64 MiB
 
 
 def test_max_request_bytes_is_64_mib() -> None:
-    assert protocol.MAX_REQUEST_BYTES == 64 * 1024 * 1024
+    assert Limits().max_request_bytes == 64 * 1024 * 1024
 
 
 def test_unknown_role_rejected() -> None:
@@ -144,23 +145,26 @@ def test_rejections(request_: pb.ChatRequest, message: str) -> None:
 
 
 def test_too_many_messages() -> None:
-    messages = [_user(_text("x")) for _ in range(protocol.MAX_MESSAGES + 1)]
-    with pytest.raises(InputError, match=f"{protocol.MAX_MESSAGES + 1} messages; at most {protocol.MAX_MESSAGES}"):
+    limit = Limits().max_messages
+    messages = [_user(_text("x")) for _ in range(limit + 1)]
+    with pytest.raises(InputError, match=f"{limit + 1} messages; this server allows at most {limit}"):
         parts_from_request(_request(*messages))
-    assert len(parts_from_request(_request(*messages[:protocol.MAX_MESSAGES]))) == protocol.MAX_MESSAGES
+    assert len(parts_from_request(_request(*messages[:limit]))) == limit
 
 
 def test_too_many_parts() -> None:
-    texts = [_text("x")] * (protocol.MAX_PARTS + 1)
-    with pytest.raises(InputError, match=f"{protocol.MAX_PARTS + 1} parts .* at most {protocol.MAX_PARTS}"):
+    limit = Limits().max_parts
+    texts = [_text("x")] * (limit + 1)
+    with pytest.raises(InputError, match=f"{limit + 1} parts .* at most {limit}"):
         parts_from_request(_request(_user(*texts)))
 
 
 def test_too_many_images() -> None:
-    images = [_image(_png())] * (protocol.MAX_IMAGES_PER_REQUEST + 1)
-    with pytest.raises(InputError, match=f"at most {protocol.MAX_IMAGES_PER_REQUEST} are allowed"):
+    limit = Limits().max_images_per_request
+    images = [_image(_png())] * (limit + 1)
+    with pytest.raises(InputError, match=f"this server allows at most {limit} \\(limit max_images_per_request\\)"):
         parts_from_request(_request(_user(*images)))
-    assert len(parts_from_request(_request(_user(*images[1:])))) == protocol.MAX_IMAGES_PER_REQUEST
+    assert len(parts_from_request(_request(_user(*images[1:])))) == limit
 
 
 # --- options ------------------------------------------------------------------------------------------
@@ -208,7 +212,10 @@ def test_options_fields_match_generation_options() -> None:
         ({"seed": 2**64 - 1}, "seed="),
         ({"max_new_tokens": 0}, "max_new_tokens=0"),
         ({"max_new_tokens": -5}, "max_new_tokens=-5"),
-        ({"num_inference_steps": 10_000}, "num_inference_steps=10000"),
+        ({"num_inference_steps": 10_000}, "num_inference_steps=10000 .*limit max_denoising_steps"),
+        ({"num_inference_steps": 0}, "num_inference_steps=0"),
+        ({"max_new_tokens": 2**31 - 1}, "max_new_tokens=2147483647 .*limit max_new_tokens"),
+        ({"max_images": 9}, "max_images=9 .*limit max_images"),
         ({"guidance_scale": math.inf}, "guidance_scale=inf"),
         ({"preview_every": -1}, "preview_every=-1"),
     ],
@@ -295,7 +302,7 @@ def test_unknown_event_type_rejected() -> None:
 
 @pytest.mark.parametrize("code", ["INVALID_ARGUMENT", "invalid_argument", "ERROR_CODE_INVALID_ARGUMENT"])
 def test_error_event(code: str) -> None:
-    event = error_event(code, "max_new_tokens=0 (allowed: an integer in [1, 1024])")
+    event = error_event(code, "max_new_tokens=0 (allowed: an integer >= 1)")
     assert event.WhichOneof("event") == "error"
     assert event.error.code == pb.ERROR_CODE_INVALID_ARGUMENT
     assert event.error.message.startswith("max_new_tokens=0")

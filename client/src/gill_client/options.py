@@ -12,19 +12,20 @@ from gill_client.v1 import dialogue_pb2 as pb
 class ChatOptions:
     """Options of one turn; every field left as None takes the server's default.
 
-    The server validates ranges and answers :class:`~gill_client.errors.InvalidArgument` naming the field.
+    The server validates ranges and its own limits and answers :class:`~gill_client.errors.InvalidArgument`
+    naming the field.
     """
 
-    max_new_tokens: int | None = None  # tokens to generate, in [1, 1024]
+    max_new_tokens: int | None = None  # tokens to generate, >= 1 (server limit, default 1024)
     temperature: float | None = None  # >= 0; 0 is greedy (top_p must then be 1)
     top_p: float | None = None  # nucleus sampling mass in (0, 1]
     seed: int | None = None  # in [0, 2**63) for sampling and diffusion
     min_word_tokens: int | None = None  # no image during the first this many tokens
     ret_scale_factor: float | None = None  # >= 0: scales the [IMG0] logit towards showing an image
     gen_scale_factor: float | None = None
-    max_images: int | None = None  # images per turn, in [0, 8]
+    max_images: int | None = None  # images per turn, >= 0 (server limit, default 8)
     guidance_scale: float | None = None  # classifier-free guidance of generation, in [0, 50]
-    num_inference_steps: int | None = None  # denoising steps, in [1, 200]
+    num_inference_steps: int | None = None  # denoising steps, >= 1 (server limit, default 200)
     allow_retrieval: bool | None = None
     allow_generation: bool | None = None
     preview_every: int | None = None  # denoising steps between previews; 0 sends none

@@ -15,6 +15,7 @@ from gill.config import GILLArgs  # noqa: E402
 from gill.diffusion import ImageGenerator  # noqa: E402
 from gill.errors import InputError  # noqa: E402
 from gill.images import png_bytes  # noqa: E402
+from gill.limits import Limits  # noqa: E402
 from gill.model import default_dtype  # noqa: E402
 from gill.options import GenerationOptions  # noqa: E402
 from gill.serving import backend  # noqa: E402
@@ -23,6 +24,7 @@ from gill.serving import backend  # noqa: E402
 class TritonPythonModel:
     def initialize(self, args):
         params = backend.parameters(args)
+        self.limits = Limits.from_parameters(params)  # limit_max_denoising_steps, as the gill model's
         checkpoint = Path(params["checkpoint"])
         self.args = GILLArgs.load(checkpoint)
         device = backend.device(args)
@@ -47,6 +49,7 @@ class TritonPythonModel:
             num_inference_steps=int(backend.scalar(request, "STEPS", 50)),
             preview_every=int(backend.scalar(request, "PREVIEW_EVERY", 0)),
             seed=None if seed < 0 else seed)
+        self.limits.check_options(options)
         progress = bool(backend.scalar(request, "PROGRESS", False))
         done = [0, 0]
 

@@ -236,8 +236,9 @@ Global___Image: _TypeAlias = Image  # noqa: Y015
 
 @_typing.final
 class Options(_message.Message):
-    """Per-turn options. Every field is optional: unset means the server's default. Limits are those of
-    gill.options.GenerationOptions; out-of-range values are rejected with ERROR_CODE_INVALID_ARGUMENT.
+    """Per-turn options. Every field is optional: unset means the server's default. Values that make no sense
+    (NaN, negative, out of range) and values over the server's limits (gill.limits.Limits, configurable per
+    server; defaults below) are rejected with ERROR_CODE_INVALID_ARGUMENT.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -256,7 +257,7 @@ class Options(_message.Message):
     ALLOW_GENERATION_FIELD_NUMBER: _builtins.int
     PREVIEW_EVERY_FIELD_NUMBER: _builtins.int
     max_new_tokens: _builtins.int
-    """Tokens to generate, in [1, 1024]."""
+    """Tokens to generate, >= 1; at most the server's limit max_new_tokens (default 1024)."""
     temperature: _builtins.float
     """Sampling temperature >= 0; 0 is greedy decoding (top_p must then be 1)."""
     top_p: _builtins.float
@@ -269,11 +270,11 @@ class Options(_message.Message):
     """Scale the [IMG0] logit to favour images (>= 0) for retrieval and generation."""
     gen_scale_factor: _builtins.float
     max_images: _builtins.int
-    """Images per turn, in [0, 8]."""
+    """Images per turn, >= 0; at most the server's limit max_images (default 8)."""
     guidance_scale: _builtins.float
     """Classifier-free guidance scale of image generation, in [0, 50]."""
     num_inference_steps: _builtins.int
-    """Denoising steps of image generation, in [1, 200]."""
+    """Denoising steps of image generation, >= 1; at most the server's limit max_denoising_steps (default 200)."""
     allow_retrieval: _builtins.bool
     allow_generation: _builtins.bool
     preview_every: _builtins.int
