@@ -52,6 +52,29 @@ def convert(directory: Annotated[Path, typer.Argument(help="directory holding th
         print(f"wrote {path}")
 
 
+@app.command()
+def verify(
+    directory: Annotated[Path, typer.Argument(help="checkpoint directory")],
+    record: Annotated[bool, typer.Option(help="first write SHA256SUMS from the files as they are now (after a "
+                                              "deliberate change)")] = False,
+) -> None:
+    """Check a checkpoint as gill serve does, but hash every file in SHA256SUMS again; then its shapes."""
+    from gill.integrity import CHECKSUMS_FILE, verify_checkpoint, write_checksums
+
+    try:
+        if record:
+            print(f"wrote {write_checksums(directory)}")
+        result = verify_checkpoint(directory, full=not record)
+    except GillError as error:
+        _fail(error)
+    if result.listed:
+        print(f"{CHECKSUMS_FILE}: {result.listed} files ok ({result.hashed} hashed, {result.hashed_bytes:,} bytes); "
+              "shapes ok")
+    else:
+        print(f"no {CHECKSUMS_FILE}: required files and shapes ok, contents not checked "
+              f"(gill verify {directory} --record writes one)")
+
+
 @app.command("make-tiny")
 def make_tiny(
     directory: Annotated[Path, typer.Argument(help="where to build the checkpoint")],
@@ -217,15 +240,21 @@ def serve(
                                                           "shell history)")] = None,
     tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate: serve gRPC over TLS")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="PEM private key of --tls-cert")] = None,
+    limit: Annotated[list[str] | None, typer.Option(help="a limit on one request, NAME=VALUE (repeatable), for "
+                                                         "example max_new_tokens=256; names and defaults: "
+                                                         "model_repository/README.md")] = None,
 ) -> None:
     """Serve GILL with Triton: prepare the backend, start tritonserver, wait until every model is ready."""
     import shutil
     import signal
 
+    from gill.integrity import verify_checkpoint
+    from gill.limits import Limits
     from gill.serving.server import ServeError, TritonServer
     from gill.tiny import ensure_tiny_checkpoint
 
     try:
+        limits = Limits.from_assignments(limit or [])  # first: a typo in a limit fails before anything loads
         if checkpoint is None:
             with console.status("building the tiny checkpoint (first use only)"):
                 checkpoint = ensure_tiny_checkpoint()
@@ -238,7 +267,9 @@ def serve(
         if collection:
             retrieval["collection"] = collection
         server = TritonServer(checkpoint, host, grpc_port, http_port, metrics_port, api_key=api_key,
-                              parameters={"retrieval": retrieval}, tls_cert=tls_cert, tls_key=tls_key)
+                              parameters={"retrieval": retrieval, **limits.model_parameters()},
+                              tls_cert=tls_cert, tls_key=tls_key, verify=False)
+        verify_checkpoint(checkpoint)  # here rather than in start(): outside the spinner, hashing shows progress
         with console.status(f"starting Triton with {checkpoint} (log: {server.log_path})"):
             endpoints = server.start(timeout)
     except GillError as error:
@@ -258,12 +289,25 @@ def serve(
 
     signal.signal(signal.SIGINT, shut_down)
     signal.signal(signal.SIGTERM, shut_down)
+    _log_watchdog()
     code = server.wait()
     clean = code in (0, -signal.SIGINT, -signal.SIGTERM)
     if not clean:
         console.print(f"[red]tritonserver exited with code {code}[/red]; the end of its log:\n{server.log_excerpt()}")
     shutil.rmtree(server.work_dir, ignore_errors=True)
     raise typer.Exit(0 if clean else 1)
+
+
+def _log_watchdog() -> None:
+    """The stub watchdog's reloads (gill/serving/watchdog.py) go to the terminal with a time stamp."""
+    import logging
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    watchdog = logging.getLogger("gill.watchdog")
+    watchdog.addHandler(handler)
+    watchdog.setLevel(logging.INFO)
+    print("watch   a model whose backend process dies is reloaded (not ready meanwhile)")
 
 
 def _quiet_libraries() -> None:

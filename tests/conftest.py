@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from wire import API_KEY, PROMPT_GEN, PROMPT_RET, request, user
+from wire import API_KEY, PROMPT_GEN, PROMPT_RET, SERVED_LIMITS, request, user
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -76,13 +76,19 @@ def served_dir(tiny_dir, tmp_path_factory):
     from gill.milvus import DB_FILE, ingest, read_corpus
 
     ingest(read_corpus(directory / "cc3m_embeddings_urls.npy"), str(directory / DB_FILE), progress=False)
+    from gill.integrity import write_checksums
+
+    write_checksums(directory)  # the decision head changed on purpose: the server verifies checksums at start
     return directory
 
 
 @pytest.fixture(scope="session")
 def server(served_dir):
-    """tritonserver on loopback with every model, requiring wire.API_KEY on everything but health checks."""
+    """tritonserver on loopback with every model, requiring wire.API_KEY on everything but health checks, with
+    wire.SERVED_LIMITS set as `gill serve --limit` sets them."""
     from gill.serving.server import TritonServer
 
-    with TritonServer(served_dir, api_key=API_KEY) as running:
+    parameters = SERVED_LIMITS.model_parameters()
+    parameters["gill"]["heartbeat_s"] = "1"  # quiet turns get heartbeats within the tests' patience
+    with TritonServer(served_dir, api_key=API_KEY, parameters=parameters) as running:
         yield running

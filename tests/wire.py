@@ -6,14 +6,19 @@ import subprocess
 from pathlib import Path
 
 import grpc
+import numpy as np
 import requests
+import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2_grpc
 
+from gill.limits import Limits
 from gill_client import _transport as transport
 from gill_client.v1 import dialogue_pb2 as pb
 
 PROMPT_GEN, PROMPT_RET = "draw a red circle", "find a photo of a cat"
 API_KEY = "test-key-0123456789abcdef"  # the session server requires it (gill serve --api-key)
+# The session server's limits: the defaults but a 4 MiB request, so an oversized request stays cheap to send.
+SERVED_LIMITS = Limits(max_request_bytes=4 * 1024 * 1024)
 
 
 def request(*messages, **options) -> pb.ChatRequest:
@@ -56,6 +61,37 @@ def events(server, chat: pb.ChatRequest) -> list[pb.ChatEvent]:
         message, _ = transport.chat_event(response, chat.request_id)
         if message is not None:
             out.append(message)
+    return out
+
+
+def stream_results(server, model: str, inputs: list, timeout: float = 120.0) -> list:
+    """(result, error) pairs of one raw streaming call, once the stream has ended; a stream still open after
+    ``timeout`` seconds ends with a DEADLINE_EXCEEDED error instead of hanging the test."""
+    client = grpcclient.InferenceServerClient(server.endpoints.grpc)
+    results = []
+    client.start_stream(callback=lambda result, error: results.append((result, error)), stream_timeout=timeout,
+                        headers={transport.API_KEY_HEADER: API_KEY})
+    client.async_stream_infer(model, inputs)
+    client.stop_stream()
+    client.close()
+    return results
+
+
+def bytes_input(name: str, data: bytes):
+    tensor = grpcclient.InferInput(name, [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([data], dtype=np.object_))
+    return tensor
+
+
+def raw_events(server, data: bytes) -> list[pb.ChatEvent]:
+    """Every ChatEvent of one turn whose REQUEST tensor holds ``data`` as it is (any bytes, not only a valid
+    ChatRequest); Triton-level errors fail the test (a bad request must be answered by the model)."""
+    out = []
+    for result, error in stream_results(server, "gill", [bytes_input("REQUEST", data)]):
+        assert error is None, error
+        output = result.as_numpy("EVENT")
+        if output is not None:
+            out.append(pb.ChatEvent.FromString(bytes(output.reshape(-1)[0])))
     return out
 
 

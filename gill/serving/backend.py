@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +19,7 @@ import triton_python_backend_utils as pb_utils
 from gill.errors import GillError, InputError
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+INPUT_ERROR_PREFIX = "InputError: "
 
 
 def parameters(args: dict) -> dict[str, str]:
@@ -66,9 +68,12 @@ def bytes_tensor(name: str, values: list[bytes], shape: tuple[int, ...] | None =
 
 
 def error_response(error: BaseException) -> Any:
-    """A response carrying ``error``: INVALID_ARG for bad input, INTERNAL (with the message) otherwise."""
+    """A response carrying ``error``: INVALID_ARG for bad input, INTERNAL otherwise; the message starts with the
+    error's type (``InputError: ...``), which is how a BLS caller tells them apart (Triton 2.51's BLS passes
+    every error on as INTERNAL)."""
     if isinstance(error, InputError):
-        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG))
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(INPUT_ERROR_PREFIX + str(error),
+                                                                     pb_utils.TritonError.INVALID_ARG))
     if not isinstance(error, GillError):
         pb_utils.Logger.log_error("".join(traceback.format_exception(error)))
     message = f"{type(error).__name__}: {error}"
@@ -170,3 +175,55 @@ class Counter:
             if metric is None:
                 metric = self._metrics[key] = self.family.Metric(labels=dict(labels))
             metric.increment(value)
+
+
+class Heartbeats:
+    """Keeps quiet decoupled streams visibly alive: every ``interval`` s without a response, a turn gets an
+    empty response (no outputs), which clients read as "still working". A client that hears nothing for much
+    longer knows the turn is lost: Triton 2.51 leaves a stream open forever when its model's stub dies.
+
+    ``send(key, response)`` serialises a turn's sends with its heartbeats; ``end(key)`` before FINAL."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._turns: dict[object, list] = {}  # key -> [sender, lock, time of the last send]
+        self._lock = threading.Lock()
+        if interval > 0:
+            threading.Thread(target=self._run, name="gill-heartbeats", daemon=True).start()
+
+    def begin(self, key: object, sender) -> None:
+        with self._lock:
+            self._turns[key] = [sender, threading.Lock(), time.monotonic()]
+
+    def send(self, key: object, response) -> None:
+        with self._lock:
+            entry = self._turns.get(key)
+        if entry is None:
+            raise RuntimeError("send after the turn ended")
+        with entry[1]:
+            entry[0].send(response)
+            entry[2] = time.monotonic()
+
+    def end(self, key: object) -> None:
+        with self._lock:
+            entry = self._turns.pop(key, None)
+        if entry is not None:
+            with entry[1]:  # a heartbeat being sent finishes before FINAL goes out
+                pass
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(min(1.0, self.interval))
+            with self._lock:
+                entries = list(self._turns.items())
+            for key, entry in entries:
+                with entry[1]:
+                    with self._lock:
+                        if key not in self._turns:
+                            continue
+                    if time.monotonic() - entry[2] >= self.interval:
+                        try:
+                            entry[0].send(pb_utils.InferenceResponse(output_tensors=[]))
+                            entry[2] = time.monotonic()
+                        except Exception:  # the client is gone; the turn notices through is_cancelled
+                            pass

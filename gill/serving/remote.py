@@ -37,6 +37,15 @@ class StageError(GillError):
     """A downstream model answered with an error."""
 
 
+class StageUnavailable(StageError):
+    """A downstream model cannot serve right now: its stub process died (the watchdog is reloading it) or it
+    is not loaded. Transient: the client may retry the turn."""
+
+
+# How Triton words "this model cannot take requests now" (a dead stub, an unloaded or loading model).
+_UNAVAILABLE = ("is not healthy", "is not ready", "is not found", "unknown model")
+
+
 def _output(response, name: str) -> np.ndarray | None:
     tensor = pb_utils.get_output_tensor_by_name(response, name)
     return None if tensor is None else tensor.as_numpy()
@@ -45,7 +54,14 @@ def _output(response, name: str) -> np.ndarray | None:
 def _check(response, model: str) -> None:
     if response.has_error():
         message = response.error().message()
-        raise (InputError if "INVALID_ARG" in str(response.error().code()) else StageError)(f"{model}: {message}")
+        code = str(response.error().code())
+        # Triton 2.51's BLS hands every error over as INTERNAL (the code is lost, the message kept), so bad input
+        # is also known by the prefix backend.error_response gives it.
+        if "INVALID_ARG" in code or message.startswith(backend.INPUT_ERROR_PREFIX):
+            raise InputError(f"{model}: {message.removeprefix(backend.INPUT_ERROR_PREFIX)}")
+        if "UNAVAILABLE" in code or any(marker in message for marker in _UNAVAILABLE):
+            raise StageUnavailable(f"{model}: {message}")
+        raise StageError(f"{model}: {message}")
 
 
 class RemoteComponents:
@@ -82,6 +98,8 @@ class RemoteComponents:
         finished = cancelled = False
         try:
             for response in responses:
+                # An error is the model's last word: Triton delivers nothing after it, so draining would hang.
+                finished = response.has_error()
                 _check(response, model)
                 if response.output_tensors():
                     yield response
@@ -150,7 +168,8 @@ class RemoteComponents:
                  backend.tensor("EXCLUDE", np.array(sorted(exclude), dtype=np.int64))],
                 ["IDS", "SCORES", "URLS", "CAPTIONS", "IMAGES", "FAILURE"])
         except StageError as error:
-            if "RetrievalUnavailable" in str(error):
+            # A retrieval model being reloaded is a retrieval outage: the turn generates instead.
+            if "RetrievalUnavailable" in str(error) or isinstance(error, StageUnavailable):
                 raise RetrievalUnavailable(str(error)) from None
             raise
         rows = zip(_output(response, "IDS"), _output(response, "SCORES"), _output(response, "URLS"),

@@ -29,6 +29,7 @@ from pathlib import Path
 import requests
 
 from gill.errors import GillError
+from gill.serving.watchdog import StubWatchdog, http_control
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 MODEL_REPOSITORY = PROJECT_ROOT / "model_repository"
@@ -158,7 +159,8 @@ class TritonServer:
     def __init__(self, checkpoint: str | Path, host: str = "127.0.0.1", grpc_port: int = 0, http_port: int = 0,
                  metrics_port: int = 0, models: tuple[str, ...] = ALL_MODELS, work_dir: Path | None = None,
                  api_key: str | None = None, parameters: dict[str, dict[str, str]] | None = None,
-                 tls_cert: Path | None = None, tls_key: Path | None = None) -> None:
+                 tls_cert: Path | None = None, tls_key: Path | None = None, watchdog: bool = True,
+                 verify: bool = True) -> None:
         if api_key is not None and not _API_KEY.fullmatch(api_key):
             raise ServeError("an API key must be 16 to 256 characters of letters, digits and . _ ~ + / - "
                              "(for example: python -c 'import secrets; print(secrets.token_urlsafe(32))')")
@@ -178,6 +180,9 @@ class TritonServer:
         self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="gill-serve-"))
         self.log_path = self.work_dir / "triton.log"
         self.process: subprocess.Popen | None = None
+        self.verify = verify
+        self._watch = watchdog
+        self.watchdog: StubWatchdog | None = None
 
     def command(self) -> list[str]:
         host = self.endpoints.host
@@ -190,6 +195,9 @@ class TritonServer:
             f"--metrics-address={host}", f"--metrics-port={self.endpoints.metrics_port}",
             "--allow-metrics=true", "--allow-gpu-metrics=false",
             "--exit-timeout-secs=10",
+            # Explicit control with every model loaded at start: the stub watchdog reloads one model whose
+            # stub died (gill/serving/watchdog.py) without restarting the others.
+            "--model-control-mode=explicit", "--load-model=*",
             # Model load includes torch imports and weights; the default 30 s is short on two cores.
             "--backend-config=python,stub-timeout-seconds=120",
             *self._restrictions(),
@@ -211,9 +219,17 @@ class TritonServer:
         return [f"--grpc-restricted-protocol={rule}", f"--http-restricted-api={rule}"]
 
     def start(self, timeout: float = 300.0) -> Endpoints:
-        """Start and wait until every model is ready; raises :class:`ServeError` with the log excerpt."""
+        """Start and wait until every model is ready; raises :class:`ServeError` with the log excerpt.
+
+        First, unless ``verify=False``, :func:`gill.integrity.verify_checkpoint` checks the checkpoint's files,
+        sha256s and shapes and raises :class:`~gill.errors.CheckpointError` naming the file before any process starts.
+        """
         if not self.checkpoint.is_dir():
             raise ServeError(f"{self.checkpoint}: checkpoint directory not found")
+        if self.verify:
+            from gill.integrity import verify_checkpoint
+
+            verify_checkpoint(self.checkpoint)
         prepare_backend(self.work_dir / "backends")
         prepare_repository(self.work_dir / "models", self.checkpoint, self.models, parameters=self.parameters)
         log = open(self.log_path, "wb")
@@ -226,10 +242,21 @@ class TritonServer:
                 raise ServeError(f"tritonserver exited with code {self.process.returncode} while loading models:\n"
                                  + self.log_excerpt())
             if self.ready():
+                self._start_watchdog()
                 return self.endpoints
             time.sleep(0.5)
         self.stop()
         raise ServeError(f"models not ready after {timeout:.0f} s:\n{self.log_excerpt()}")
+
+    def _start_watchdog(self) -> None:
+        if not self._watch or self.process is None:
+            return
+        python_models = [name for name in self.models
+                         if 'backend: "python"' in (self.work_dir / "models" / name / "config.pbtxt").read_text()]
+        headers = {API_KEY_HEADER: self.api_key} if self.api_key else {}
+        self.watchdog = StubWatchdog(self.process.pid, self.work_dir / "models", python_models,
+                                     http_control(self.endpoints.http, headers, timeout=600))
+        self.watchdog.start()
 
     def ready(self) -> bool:
         try:
@@ -255,6 +282,8 @@ class TritonServer:
         """
         if self.process is None or self.process.poll() is not None:
             return
+        if self.watchdog is not None:
+            self.watchdog.stop(wait=False)
         self.process.send_signal(signal.SIGINT)
         timer = threading.Timer(grace, self._kill)
         timer.daemon = True
@@ -269,6 +298,8 @@ class TritonServer:
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGINT (Triton's clean shutdown) and wait; SIGKILL the whole process group if it hangs."""
+        if self.watchdog is not None:
+            self.watchdog.stop()
         if self.process is None or self.process.poll() is not None:
             return
         self.process.send_signal(signal.SIGINT)

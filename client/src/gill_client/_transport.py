@@ -38,6 +38,9 @@ from gill_client.v1 import dialogue_pb2 as pb
 
 DEFAULT_MODEL = "gill"
 DEFAULT_TIMEOUT_S = 600.0
+# A turn that hears nothing (no event, no heartbeat) for this long is lost: a server sends a heartbeat every 5 s
+# of quiet, and Triton leaves a stream open forever when the model serving it dies.
+DEFAULT_IDLE_TIMEOUT_S = 30.0
 # Triton's restricted-protocol header for the key `gill serve --api-key` sets (Triton prefixes gRPC keys).
 API_KEY_HEADER = "triton-grpc-protocol-x-api-key"
 _MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # a request with images, or a turn's event with a PNG, fits easily
@@ -174,10 +177,14 @@ def rpc_error(error: grpc.RpcError, target: str, request_id: str | None = None,
 class Turn:
     """The bookkeeping of one turn over its attempts: deadline, retries, events received, the reply so far."""
 
-    def __init__(self, target: str, request_id: str, timeout: float | None, retry: RetryPolicy) -> None:
+    def __init__(self, target: str, request_id: str, timeout: float | None, retry: RetryPolicy,
+                 idle_timeout: float | None = None) -> None:
         self.target = target
         self.request_id = request_id
         self.timeout = timeout
+        self.idle_timeout = idle_timeout
+        self.heard = time.monotonic()  # when the last response (an event or a heartbeat) arrived
+        self.idle_expired = False
         self.retry = retry
         self.deadline = time.monotonic() + timeout if timeout is not None else None
         self.attempt = 0
@@ -185,6 +192,7 @@ class Turn:
         self.cancelled = False
         self.complete = False  # the call ended by itself after the final flag: nothing left to cancel
         self.done: Done | None = None
+        self.held: Unavailable | None = None  # the server's in-band UNAVAILABLE, before any event
         self.builder = ReplyBuilder()
 
     def remaining(self) -> float | None:
@@ -202,10 +210,17 @@ class Turn:
         in :attr:`done`) and whether the turn is over: ``Done`` seen and the request's final flag arrived, so
         the server has closed the request itself and nothing is cancelled after a finished turn. Raises the
         server's typed error, or Internal if the request ends without ``Done``."""
+        self.heard = time.monotonic()
         message, final = chat_event(response, self.request_id)
-        if self.done is not None:
+        if self.done is not None or self.held is not None:
             return None, final
-        event = from_proto(message, self.request_id) if message is not None else None
+        try:
+            event = from_proto(message, self.request_id) if message is not None else None
+        except Unavailable as error:
+            if not self._retryable(error):
+                raise
+            self.held = error  # raised once this attempt's stream has ended, then retried
+            return None, final
         if event is not None:
             self.received = True
             self.builder.add(event)
@@ -220,13 +235,37 @@ class Turn:
         """Returns the error for a stream that closed before the turn ended."""
         return Internal("the server closed the stream before the turn ended; see its log", self.request_id)
 
-    def failure(self, error: grpc.RpcError) -> tuple[GillClientError, float | None]:
+    def idle(self) -> bool:
+        """Whether the server has been silent for longer than the idle timeout (the turn is then lost)."""
+        return self.idle_timeout is not None and time.monotonic() - self.heard > self.idle_timeout
+
+    def idle_error(self) -> Unavailable:
+        return Unavailable(f"no response from the server for {self.idle_timeout:g} s (not even a heartbeat): the "
+                           "turn was lost, for example because the model serving it died; retry it",
+                           self.request_id)
+
+    def _retryable(self, error: GillClientError) -> bool:
+        return type(error) is Unavailable and not self.received and self.attempt + 1 < self.retry.attempts
+
+    def take_held(self) -> Unavailable:
+        """Returns the held in-band UNAVAILABLE error (see :meth:`event`) and forgets it."""
+        assert self.held is not None
+        error, self.held = self.held, None
+        return error
+
+    def failure(self, error: grpc.RpcError | GillClientError) -> tuple[GillClientError, float | None]:
         """Returns the typed error of a failed attempt and the seconds to wait before retrying it, or None when
-        it must not be retried: only UNAVAILABLE before the first event, with attempts and time left."""
+        it must not be retried: only UNAVAILABLE (the channel's, or the server's error event) before the first
+        event, with attempts and time left."""
+        if self.idle_expired:
+            return self.idle_error(), None
         if self.cancelled:
             return Cancelled("cancelled by the client", self.request_id), None
-        mapped = rpc_error(error, self.target, self.request_id, self.timeout)
-        if type(mapped) is not Unavailable or self.received or self.attempt + 1 >= self.retry.attempts:
+        if isinstance(error, GillClientError):
+            mapped = error
+        else:
+            mapped = rpc_error(error, self.target, self.request_id, self.timeout)
+        if not self._retryable(mapped):
             return mapped, None
         wait = self.retry.backoff(self.attempt + 1)
         if self.deadline is not None and time.monotonic() + wait >= self.deadline:
@@ -245,9 +284,10 @@ class ClientBase:
     request is built (see :class:`~gill_client.GillClient` for the arguments)."""
 
     def __init__(self, url: str, api_key: str | None, tls: bool | TLS, model: str, timeout: float | None,
-                 retry: RetryPolicy | None, options: ChatOptions | None, api_key_header: str) -> None:
+                 retry: RetryPolicy | None, options: ChatOptions | None, api_key_header: str,
+                 idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT_S) -> None:
         self.target, self._tls = parse_url(url, tls)
-        self.model, self.timeout = model, timeout
+        self.model, self.timeout, self.idle_timeout = model, timeout, idle_timeout
         self.retry = retry or RetryPolicy()
         self.options = options or ChatOptions()
         self._headers = metadata(api_key, api_key_header)
@@ -264,7 +304,7 @@ class ClientBase:
         """Returns everything a stream needs to run one turn."""
         chat = build_request(messages, self.options.merged(options), request_id or uuid.uuid4().hex)
         return TurnSpec(stub, infer_request(self.model, chat), self._headers,
-                        Turn(self.target, chat.request_id, timeout, self.retry), on_done)
+                        Turn(self.target, chat.request_id, timeout, self.retry, self.idle_timeout), on_done)
 
 
 @dataclass(frozen=True)
@@ -296,6 +336,7 @@ class StreamBase:
 
     def _new_call(self) -> Any:
         spec = self._spec
+        self._turn.heard = time.monotonic()
         return spec.stub.ModelStreamInfer(iter((spec.request,)), **call_options(self._turn, spec.headers))
 
     def _finish(self) -> Done:

@@ -47,12 +47,14 @@ class AsyncChatStream(transport.StreamBase):
                     call.cancel()
                 try:
                     finished = False
-                    async for response in call:
+                    async for response in self._responses(call):
                         if finished:
                             continue  # after the final flag: read to the end so the call ends by itself
                         event, finished = turn.event(response)
                         if event is not None:
                             yield event
+                    if turn.held is not None:
+                        raise turn.take_held()  # the server could not serve it now: retried below
                     if turn.done is None:
                         raise turn.ended_early()
                     turn.complete = True
@@ -63,7 +65,7 @@ class AsyncChatStream(transport.StreamBase):
                     if task is not None and task.cancelling():
                         raise  # this task is being cancelled: let it end; the finally below cancels the call
                     raise Cancelled("cancelled by the client", turn.request_id) from None
-                except grpc.RpcError as error:
+                except (grpc.RpcError, Unavailable) as error:
                     mapped, wait = turn.failure(error)
                     if wait is None:
                         raise mapped from None
@@ -76,6 +78,21 @@ class AsyncChatStream(transport.StreamBase):
                         pass
         finally:
             self.cancel()
+
+    async def _responses(self, call: Any) -> AsyncIterator[Any]:
+        """The call's responses; raises the idle error (and cancels the call) when the server stays silent past
+        the idle timeout."""
+        turn = self._turn
+        responses = call.__aiter__()
+        while True:
+            try:
+                yield await asyncio.wait_for(responses.__anext__(), turn.idle_timeout)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                turn.idle_expired = True
+                call.cancel()
+                raise turn.idle_error() from None
 
     def cancel(self) -> None:
         """Cancel the turn on the server (a no-op once it ended)."""
@@ -110,8 +127,9 @@ class AsyncGillClient(transport.ClientBase):
     def __init__(self, url: str = "localhost:8001", *, api_key: str | None = None, tls: bool | transport.TLS = False,
                  model: str = transport.DEFAULT_MODEL, timeout: float | None = transport.DEFAULT_TIMEOUT_S,
                  retry: RetryPolicy | None = None, options: ChatOptions | None = None,
-                 api_key_header: str = transport.API_KEY_HEADER) -> None:
-        super().__init__(url, api_key, tls, model, timeout, retry, options, api_key_header)
+                 api_key_header: str = transport.API_KEY_HEADER,
+                 idle_timeout: float | None = transport.DEFAULT_IDLE_TIMEOUT_S) -> None:
+        super().__init__(url, api_key, tls, model, timeout, retry, options, api_key_header, idle_timeout)
         self._channel = self._open(grpc.aio)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
 

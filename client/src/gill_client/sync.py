@@ -47,6 +47,8 @@ class ChatStream(transport.StreamBase):
                     self._call = call
                     if turn.cancelled:
                         call.cancel()
+                if turn.idle_timeout is not None:
+                    threading.Thread(target=self._watch_idle, args=(call,), daemon=True).start()
                 try:
                     finished = False
                     for response in call:
@@ -55,12 +57,14 @@ class ChatStream(transport.StreamBase):
                         event, finished = turn.event(response)
                         if event is not None:
                             yield event
+                    if turn.held is not None:
+                        raise turn.take_held()  # the server could not serve it now: retried below
                     if turn.done is None:
                         raise turn.ended_early()
                     turn.complete = True
                     yield self._finish()  # the call is over: leaving the loop now cancels nothing
                     return
-                except grpc.RpcError as error:
+                except (grpc.RpcError, Unavailable) as error:
                     mapped, wait = turn.failure(error)
                     if wait is None:
                         raise mapped from None
@@ -70,6 +74,19 @@ class ChatStream(transport.StreamBase):
                         raise turn.failure(error)[0] from None
         finally:
             self.cancel()
+
+    def _watch_idle(self, call: Any) -> None:
+        """Cancel ``call`` when the server stays silent past the idle timeout; ends with the call."""
+        turn = self._turn
+        assert turn.idle_timeout is not None
+        while not self._woken.wait(min(1.0, turn.idle_timeout / 4)):
+            with self._lock:
+                if self._call is not call or turn.complete:
+                    return
+                if turn.idle():
+                    turn.idle_expired = True
+                    call.cancel()
+                    return
 
     def cancel(self) -> None:
         """Cancel the turn on the server (a no-op once it ended)."""
@@ -102,15 +119,17 @@ class GillClient(transport.ClientBase):
     ``url`` is ``host:port`` (the gRPC port) or ``grpcs://host:port`` for TLS; ``tls`` (True or a
     :class:`~gill_client.TLS`) forces TLS; ``api_key`` is sent with every call in ``api_key_header``;
     ``timeout`` is each turn's default deadline in seconds (None: none); ``retry`` paces retries of turns that
-    could not start (UNAVAILABLE before the first event); ``options`` are every turn's defaults. Close it, or
-    use it as a context manager.
+    could not start (UNAVAILABLE before the first event); ``options`` are every turn's defaults;
+    ``idle_timeout`` ends a turn that heard nothing, not even the server's heartbeat, for that many seconds
+    (None: wait for the deadline). Close it, or use it as a context manager.
     """
 
     def __init__(self, url: str = "localhost:8001", *, api_key: str | None = None, tls: bool | transport.TLS = False,
                  model: str = transport.DEFAULT_MODEL, timeout: float | None = transport.DEFAULT_TIMEOUT_S,
                  retry: RetryPolicy | None = None, options: ChatOptions | None = None,
-                 api_key_header: str = transport.API_KEY_HEADER) -> None:
-        super().__init__(url, api_key, tls, model, timeout, retry, options, api_key_header)
+                 api_key_header: str = transport.API_KEY_HEADER,
+                 idle_timeout: float | None = transport.DEFAULT_IDLE_TIMEOUT_S) -> None:
+        super().__init__(url, api_key, tls, model, timeout, retry, options, api_key_header, idle_timeout)
         self._channel = self._open(grpc)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
 

@@ -13,16 +13,20 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 from gill import protocol  # noqa: E402
 from gill.errors import InputError  # noqa: E402
 from gill.events import Done, ImageResult, TextDelta  # noqa: E402
+from gill.limits import Limits  # noqa: E402
 from gill.pipeline import Pipeline  # noqa: E402
 from gill.serving import backend  # noqa: E402
-from gill.serving.remote import RemoteComponents  # noqa: E402
+from gill.serving.remote import RemoteComponents, StageUnavailable  # noqa: E402
 
 
 class TritonPythonModel:
     def initialize(self, args):
         params = backend.parameters(args)
+        self.limits = Limits.from_parameters(params)  # limit_* parameters; a bad one fails the model's load
         self.pipeline = Pipeline(RemoteComponents(params["checkpoint"]))
         self.interval = float(params.get("stream_interval_ms", "50")) / 1000
+        # A turn that sent nothing for this long gets an empty response: clients tell a slow turn from a lost one.
+        self.heartbeats = backend.Heartbeats(float(params.get("heartbeat_s", "5")))
         self.turns = backend.Counter("gill_turns_total", "Dialogue turns by outcome")
         self.images = backend.Counter("gill_images_total", "Images shown, by source")
         self.stage_seconds = backend.Counter("gill_stage_seconds_total", "Seconds spent per stage")
@@ -30,13 +34,20 @@ class TritonPythonModel:
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
-            backend.serve_in_thread("gill-turn", lambda r=request, s=sender: self._turn(r, s), sender)
+            backend.serve_in_thread("gill-turn", lambda r=request, s=sender: self._beating(r, s), sender)
         return None
 
-    @staticmethod
-    def _send(sender, event) -> None:
+    def _beating(self, request, sender) -> None:
+        self.heartbeats.begin(sender, sender)
+        try:
+            self._turn(request, sender)
+        finally:
+            self.heartbeats.end(sender)  # before serve_in_thread sends FINAL
+
+    def _send(self, sender, event) -> None:
         data = event.SerializeToString()
-        sender.send(pb_utils.InferenceResponse([pb_utils.Tensor("EVENT", np.array([data], dtype=np.object_))]))
+        self.heartbeats.send(sender, pb_utils.InferenceResponse(
+            [pb_utils.Tensor("EVENT", np.array([data], dtype=np.object_))]))
 
     def _turn(self, request, sender) -> None:
         started = time.perf_counter()
@@ -44,9 +55,9 @@ class TritonPythonModel:
             raw = backend.optional_input(request, "REQUEST")
             if raw is None or raw.size != 1:
                 raise InputError("REQUEST must hold exactly one serialized gill.v1.ChatRequest")
-            chat = protocol.request_from_bytes(bytes(raw.reshape(-1)[0]))
-            parts = protocol.parts_from_request(chat)
-            options = protocol.options_from_request(chat)
+            chat = protocol.request_from_bytes(bytes(raw.reshape(-1)[0]), self.limits)
+            parts = protocol.parts_from_request(chat, self.limits)
+            options = protocol.options_from_request(chat, limits=self.limits)
             pending, last_sent = [], 0.0
             shown = protocol.shown_corpus_ids(chat)
             for event in self.pipeline.stream(parts, options, cancel=request.is_cancelled, shown=shown):
@@ -72,6 +83,11 @@ class TritonPythonModel:
         except InputError as error:
             self.turns.add(outcome="invalid")
             self._send(sender, protocol.error_event("INVALID_ARGUMENT", str(error)))
+        except StageUnavailable as error:
+            self.turns.add(outcome="unavailable")
+            pb_utils.Logger.log_warn(f"turn failed: {error}")
+            self._send(sender, protocol.error_event(
+                "UNAVAILABLE", f"{error} (the server reloads a model whose process died; retry in a few seconds)"))
         except Exception as error:
             self.turns.add(outcome="error")
             pb_utils.Logger.log_error(f"turn failed after {time.perf_counter() - started:.2f} s: {error!r}")

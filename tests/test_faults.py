@@ -1,0 +1,195 @@
+"""Faults on the session server: a Python-backend stub killed, the client vanishing mid-stream, a burst of
+cancellations. Each test leaves the server ready and serving (the next test relies on it)."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+import requests
+from wire import API_KEY, PROMPT_GEN, PROMPT_RET, events, kinds, metric, open_turn, request, user
+
+from gill.serving.server import TritonServer
+from gill.serving.watchdog import stub_model
+from gill_client import Cancelled, ChatOptions, GillClient, RetryPolicy, Unavailable
+from gill_client import _transport as transport
+from gill_client.v1 import dialogue_pb2 as pb
+
+CHEAP = {"max_new_tokens": 2, "max_images": 0}
+
+
+def _stubs(server, model: str) -> list[psutil.Process]:
+    repository = (server.work_dir / "models").resolve()
+    found = []
+    for child in psutil.Process(server.process.pid).children(recursive=True):
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and stub_model(child.cmdline(), repository) == model:
+                found.append(child)
+        except psutil.Error:
+            continue
+    return found
+
+
+def _ready(server, model: str | None = None) -> bool:
+    path = f"/v2/models/{model}/ready" if model else "/v2/health/ready"
+    return requests.get(server.endpoints.http + path, timeout=5).status_code == 200
+
+
+def _wait(condition, timeout: float, what: str) -> float:
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout, f"{what} within {timeout:.0f} s"
+        time.sleep(0.1)
+    return time.monotonic() - started
+
+
+def _kill_stub(server, model: str) -> int:
+    [stub] = _stubs(server, model)
+    stub.kill()
+    return stub.pid
+
+
+def _wait_recovered(server, model: str, recoveries_before: int) -> None:
+    _wait(lambda: len(server.watchdog.recoveries) > recoveries_before and server.watchdog.recoveries[-1].finished,
+          180, f"the watchdog reloads {model}")
+    recovery = server.watchdog.recoveries[-1]
+    assert recovery.model == model and recovery.ok, recovery
+    _wait(lambda: _ready(server), 30, "the server is ready again")
+
+
+def test_quiet_turns_get_heartbeats(server):
+    # 200 denoising steps and no previews: seconds without an event, but never without a response.
+    chat = request(user(PROMPT_GEN), gen_scale_factor=1e5, max_new_tokens=1, num_inference_steps=200, seed=4)
+    started, gaps, heartbeats = time.monotonic(), [], 0
+    for response in open_turn(server, chat):
+        gaps.append(time.monotonic() - started)
+        started = time.monotonic()
+        event, _ = transport.chat_event(response, "")
+        heartbeats += event is None and not response.infer_response.parameters["triton_final_response"].bool_param
+    assert heartbeats >= 1 and max(gaps) < 2.5, (heartbeats, gaps)
+
+
+_VANISHING_CLIENT = """
+import sys, time
+from gill_client import ChatOptions, GillClient
+client = GillClient(sys.argv[1], api_key=sys.argv[2])
+options = ChatOptions(gen_scale_factor=1e5, max_new_tokens=1, num_inference_steps=200, preview_every=1, seed=2)
+for event in client.chat("draw a red circle", options):
+    if type(event).__name__ == "Preview":
+        print("preview", flush=True)
+        time.sleep(600)  # killed here, mid-stream
+"""
+
+
+def test_a_client_that_vanishes_mid_stream_stops_the_server_work(server):
+    steps_before = metric(server, "gill_denoising_steps_total")
+    cancelled_before = metric(server, "gill_diffusion_requests_total", outcome="cancelled")
+    client = subprocess.Popen([sys.executable, "-c", _VANISHING_CLIENT, server.endpoints.grpc, API_KEY],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout.readline().strip() == "preview"
+    finally:
+        client.kill()  # SIGKILL: no cancel message, the connection just drops
+        client.wait()
+    _wait(lambda: metric(server, "gill_diffusion_requests_total", outcome="cancelled") > cancelled_before, 30,
+          "the server stops denoising for a client that is gone")
+    assert metric(server, "gill_denoising_steps_total") - steps_before < 200
+    assert kinds(events(server, request(user("hello"), **CHEAP)))[-1] == "done"
+
+
+def test_a_burst_of_cancellations_leaves_no_turn_behind(server):
+    turns_before = metric(server, "gill_turns_total")
+    recoveries_before = len(server.watchdog.recoveries)
+    burst = 16
+    outcomes: list[str] = []
+
+    def one(index: int) -> None:
+        options = ChatOptions(max_new_tokens=48, temperature=0.9, top_p=0.9, seed=index, max_images=0)
+        with GillClient(server.endpoints.grpc, api_key=API_KEY, timeout=120) as client:
+            stream = client.chat(f"tell me a story number {index}", options)
+            try:
+                for _ in stream:
+                    time.sleep(random.Random(index).uniform(0, 0.2))
+                    stream.cancel()
+                outcomes.append("finished")
+            except Cancelled:
+                outcomes.append("cancelled")
+
+    threads = [threading.Thread(target=one, args=(index,)) for index in range(burst)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=180)
+    assert len(outcomes) == burst and "cancelled" in outcomes, outcomes
+    # The server saw every turn end (cancelled or not): none is left running or lost.
+    _wait(lambda: metric(server, "gill_turns_total") - turns_before == burst, 60, "every turn of the burst ends")
+    assert _ready(server) and len(server.watchdog.recoveries) == recoveries_before  # no stub died
+    assert kinds(events(server, request(user("hello"), **CHEAP)))[-1] == "done"
+
+
+def test_a_killed_stub_makes_the_server_not_ready_until_the_watchdog_reloaded_it(server):
+    before = len(server.watchdog.recoveries)
+    pid = _kill_stub(server, "mapper")
+    # Triton alone keeps answering ready with a dead stub; the watchdog unloads the model within a poll.
+    _wait(lambda: not _ready(server, "mapper") and not _ready(server), 10, "readiness reports the broken model")
+    # A turn meanwhile gets a typed, retryable error that names the model.
+    [error] = [e.error for e in events(server, request(user(PROMPT_GEN), gen_scale_factor=1e5, max_new_tokens=2,
+                                                       num_inference_steps=2))]
+    assert error.code == pb.ERROR_CODE_UNAVAILABLE and "mapper" in error.message and "retry" in error.message
+    _wait_recovered(server, "mapper", before)
+    assert pid not in [stub.pid for stub in _stubs(server, "mapper")]
+    stream = events(server, request(user(PROMPT_GEN), gen_scale_factor=1e5, max_new_tokens=2, num_inference_steps=2))
+    assert kinds(stream)[-1] == "done" and "image" in kinds(stream)
+    assert metric(server, "gill_turns_total", outcome="unavailable") >= 1
+
+
+def test_a_client_with_retries_rides_through_a_reload(server):
+    before = len(server.watchdog.recoveries)
+    _kill_stub(server, "llm")
+    _wait(lambda: not _ready(server), 10, "readiness reports the broken model")
+    patient = RetryPolicy(attempts=200, initial_backoff_s=0.2, max_backoff_s=0.5)
+    with GillClient(server.endpoints.grpc, api_key=API_KEY, retry=patient, timeout=240) as client:
+        reply = client.chat("hello", ChatOptions(**CHEAP)).collect()
+    assert reply.done.generated_tokens == 2
+    _wait_recovered(server, "llm", before)
+
+
+def test_retrieval_down_generates_instead_with_a_notice(server):
+    before = len(server.watchdog.recoveries)
+    _kill_stub(server, "retrieval")
+    stream = events(server, request(user(PROMPT_RET), ret_scale_factor=1e5, max_new_tokens=1, num_inference_steps=2))
+    assert kinds(stream)[-1] == "done", stream
+    [notice] = [e.notice for e in stream if e.WhichOneof("event") == "notice"]
+    assert "retrieval" in notice.message
+    [image] = [e.image for e in stream if e.WhichOneof("event") == "image"]
+    assert image.source == pb.IMAGE_SOURCE_GENERATED
+    _wait_recovered(server, "retrieval", before)
+
+
+def test_the_orchestrator_killed_mid_turn_fails_the_turn_fast(tiny_dir):
+    """On a server of its own: Triton 2.51 either leaves the dead stub's stream open (the client's idle timeout
+    ends the turn, the watchdog reloads ``gill``) or aborts altogether (boost::interprocess::lock_exception in
+    the Python backend when the stub died holding a shared-memory lock; measured). Either way the client gets a
+    typed, retryable error within seconds instead of waiting for its deadline."""
+    options = ChatOptions(gen_scale_factor=1e5, max_new_tokens=1, num_inference_steps=200, preview_every=1, seed=1)
+    with TritonServer(tiny_dir, parameters={"gill": {"heartbeat_s": "1"}}) as server:
+        seen = []
+        with GillClient(server.endpoints.grpc, idle_timeout=4) as client:
+            with pytest.raises(Unavailable) as raised:
+                for event in client.chat(PROMPT_GEN, options):
+                    seen.append(type(event).__name__)
+                    if seen.count("Preview") == 1:
+                        _kill_stub(server, "gill")
+                        killed = time.monotonic()
+        assert "Done" not in seen and time.monotonic() - killed < 15, (seen, raised.value)
+        if server.process.poll() is not None:  # Triton aborted: `gill serve` exits non-zero with the log
+            assert "lock_exception" in server.log_path.read_text() or server.process.returncode != 0
+            return
+        assert "no response from the server for 4 s" in str(raised.value)
+        _wait_recovered(server, "gill", 0)
+        assert kinds(events(server, request(user("hello"), **CHEAP)))[-1] == "done"

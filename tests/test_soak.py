@@ -1,0 +1,24 @@
+"""The soak benchmark's short form: concurrent streaming dialogues on the session server, no failed turn."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from wire import API_KEY
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import soak  # noqa: E402  (bench/soak.py: the soak benchmark itself)
+
+SECONDS = float(os.environ.get("GILL_SOAK_SECONDS", "20"))  # CI's short form; bench/soak.py runs long ones
+
+
+def test_concurrent_dialogues_for_a_while_fail_no_turn_and_hold_memory(server):
+    report = soak.run_soak(server.endpoints.grpc, server.process.pid, clients=4, seconds=SECONDS, api_key=API_KEY)
+    print(report.table())
+    assert report.failures == []
+    assert report.turns >= 8 and report.images >= 1, report
+    assert report.processes >= 8  # tritonserver and a stub per Python model
+    # Bounded: a short run on a warmed-up server must not grow its memory by more than a quarter.
+    assert report.growth < 0.25, report.table()

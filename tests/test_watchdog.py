@@ -1,0 +1,77 @@
+"""The stub watchdog on stand-in stub processes: which deaths it notices and what it asks Triton to do."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gill.serving.watchdog import StubWatchdog, stub_model
+
+
+def _fake_stub(repository: Path, model: str) -> subprocess.Popen:
+    """A process whose command line reads like Triton's stub: ``.../triton_python_backend_stub <model.py>``."""
+    script = repository / model / "1" / "model.py"
+    script.parent.mkdir(parents=True, exist_ok=True)
+    script.write_text("import time\ntime.sleep(120)\n")
+    return subprocess.Popen(["/backends/python/triton_python_backend_stub", str(script), "shm-region"],
+                            executable=sys.executable)
+
+
+def test_stub_model_reads_the_model_from_the_stub_command_line(tmp_path):
+    stub = "/b/python/triton_python_backend_stub"
+    assert stub_model([stub, str(tmp_path / "mapper/1/model.py"), "x"], tmp_path) == "mapper"
+    assert stub_model([stub, "/elsewhere/mapper/1/model.py"], tmp_path) is None
+    assert stub_model(["/usr/bin/python", str(tmp_path / "mapper/1/model.py")], tmp_path) is None
+    assert stub_model([], tmp_path) is None
+
+
+@pytest.fixture
+def stubs(tmp_path):
+    running = {model: _fake_stub(tmp_path, model) for model in ("mapper", "llm")}
+    yield running
+    for process in running.values():
+        process.kill()
+        process.wait()
+
+
+def test_a_dead_stub_is_unloaded_then_loaded_and_others_are_left_alone(tmp_path, stubs):
+    calls = []
+    watchdog = StubWatchdog(os.getpid(), tmp_path, ["mapper", "llm"],
+                            lambda action, model: calls.append((action, model)))
+    watchdog._known = watchdog._stubs()
+    assert watchdog._known == {"mapper": {stubs["mapper"].pid}, "llm": {stubs["llm"].pid}}
+    assert watchdog.check() == [] and calls == []
+    stubs["mapper"].kill()
+    stubs["mapper"].wait()
+    assert watchdog.check() == ["mapper"]
+    assert calls == [("unload", "mapper"), ("load", "mapper")]
+    [recovery] = watchdog.recoveries
+    assert recovery.ok and recovery.dead_pids == (stubs["mapper"].pid,)
+    assert watchdog.check() == []  # noticed once, not on every poll
+
+
+def test_a_failed_reload_is_recorded_and_the_watchdog_keeps_going(tmp_path, stubs):
+    def refuse(action, model):
+        raise RuntimeError(f"{action} {model}: HTTP 400")
+
+    watchdog = StubWatchdog(os.getpid(), tmp_path, ["mapper", "llm"], refuse)
+    watchdog._known = watchdog._stubs()
+    stubs["llm"].kill()
+    stubs["llm"].wait()
+    assert watchdog.check() == ["llm"]
+    [recovery] = watchdog.recoveries
+    assert not recovery.ok and "HTTP 400" in recovery.error
+
+
+def test_a_stopped_watchdog_reloads_nothing(tmp_path, stubs):
+    calls = []
+    watchdog = StubWatchdog(os.getpid(), tmp_path, ["mapper"], lambda action, model: calls.append(action))
+    watchdog.start()
+    watchdog.stop()  # the server is shutting down: its stubs exit on purpose
+    stubs["mapper"].kill()
+    stubs["mapper"].wait()
+    assert watchdog.check() == [] and calls == []
