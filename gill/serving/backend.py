@@ -182,33 +182,34 @@ class Heartbeats:
     empty response (no outputs), which clients read as "still working". A client that hears nothing for much
     longer knows the turn is lost: Triton 2.51 leaves a stream open forever when its model's stub dies.
 
-    ``send(key, response)`` serialises a turn's sends with its heartbeats; ``end(key)`` before FINAL."""
+    Turns are known by their response sender: ``send(sender, response)`` serialises a turn's sends with its
+    heartbeats; ``end(sender)`` before FINAL."""
 
     def __init__(self, interval: float) -> None:
         self.interval = interval
-        self._turns: dict[object, list] = {}  # key -> [sender, lock, time of the last send]
+        self._turns: dict[object, list] = {}  # sender -> [lock, time of the last send]
         self._lock = threading.Lock()
         if interval > 0:
             threading.Thread(target=self._run, name="gill-heartbeats", daemon=True).start()
 
-    def begin(self, key: object, sender) -> None:
+    def begin(self, sender) -> None:
         with self._lock:
-            self._turns[key] = [sender, threading.Lock(), time.monotonic()]
+            self._turns[sender] = [threading.Lock(), time.monotonic()]
 
-    def send(self, key: object, response) -> None:
+    def send(self, sender, response) -> None:
         with self._lock:
-            entry = self._turns.get(key)
+            entry = self._turns.get(sender)
         if entry is None:
             raise RuntimeError("send after the turn ended")
-        with entry[1]:
-            entry[0].send(response)
-            entry[2] = time.monotonic()
+        with entry[0]:
+            sender.send(response)
+            entry[1] = time.monotonic()
 
-    def end(self, key: object) -> None:
+    def end(self, sender) -> None:
         with self._lock:
-            entry = self._turns.pop(key, None)
+            entry = self._turns.pop(sender, None)
         if entry is not None:
-            with entry[1]:  # a heartbeat being sent finishes before FINAL goes out
+            with entry[0]:  # a heartbeat being sent finishes before FINAL goes out
                 pass
 
     def _run(self) -> None:
@@ -216,14 +217,14 @@ class Heartbeats:
             time.sleep(min(1.0, self.interval))
             with self._lock:
                 entries = list(self._turns.items())
-            for key, entry in entries:
-                with entry[1]:
+            for sender, entry in entries:
+                with entry[0]:
                     with self._lock:
-                        if key not in self._turns:
+                        if sender not in self._turns:
                             continue
-                    if time.monotonic() - entry[2] >= self.interval:
+                    if time.monotonic() - entry[1] >= self.interval:
                         try:
-                            entry[0].send(pb_utils.InferenceResponse(output_tensors=[]))
-                            entry[2] = time.monotonic()
+                            sender.send(pb_utils.InferenceResponse(output_tensors=[]))
+                            entry[1] = time.monotonic()
                         except Exception:  # the client is gone; the turn notices through is_cancelled
                             pass

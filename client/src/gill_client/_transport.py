@@ -231,9 +231,15 @@ class Turn:
             raise Internal("the server ended the turn without a Done event; see its log", self.request_id)
         return event, False
 
-    def ended_early(self) -> GillClientError:
-        """Returns the error for a stream that closed before the turn ended."""
-        return Internal("the server closed the stream before the turn ended; see its log", self.request_id)
+    def call_ended(self) -> None:
+        """The attempt's stream ended by itself: marks the turn complete after ``Done``; else raises the held
+        in-band UNAVAILABLE (to be retried) or Internal for a stream that closed before the turn ended."""
+        if self.held is not None:
+            error, self.held = self.held, None
+            raise error
+        if self.done is None:
+            raise Internal("the server closed the stream before the turn ended; see its log", self.request_id)
+        self.complete = True
 
     def idle(self) -> bool:
         """Whether the server has been silent for longer than the idle timeout (the turn is then lost)."""
@@ -246,12 +252,6 @@ class Turn:
 
     def _retryable(self, error: GillClientError) -> bool:
         return type(error) is Unavailable and not self.received and self.attempt + 1 < self.retry.attempts
-
-    def take_held(self) -> Unavailable:
-        """Returns the held in-band UNAVAILABLE error (see :meth:`event`) and forgets it."""
-        assert self.held is not None
-        error, self.held = self.held, None
-        return error
 
     def failure(self, error: grpc.RpcError | GillClientError) -> tuple[GillClientError, float | None]:
         """Returns the typed error of a failed attempt and the seconds to wait before retrying it, or None when

@@ -57,11 +57,7 @@ class ChatStream(transport.StreamBase):
                         event, finished = turn.event(response)
                         if event is not None:
                             yield event
-                    if turn.held is not None:
-                        raise turn.take_held()  # the server could not serve it now: retried below
-                    if turn.done is None:
-                        raise turn.ended_early()
-                    turn.complete = True
+                    turn.call_ended()  # raises a held UNAVAILABLE (retried below) or a stream cut short
                     yield self._finish()  # the call is over: leaving the loop now cancels nothing
                     return
                 except (grpc.RpcError, Unavailable) as error:

@@ -38,7 +38,7 @@ class TritonPythonModel:
         return None
 
     def _beating(self, request, sender) -> None:
-        self.heartbeats.begin(sender, sender)
+        self.heartbeats.begin(sender)
         try:
             self._turn(request, sender)
         finally:
