@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.utils.dlpack
 import triton_python_backend_utils as pb_utils
 
 from gill.errors import GillError, InputError
@@ -56,9 +57,42 @@ def scalar(request, name: str, default: Any) -> Any:
     return item.decode() if isinstance(item, bytes) else item.item()
 
 
+def to_torch(value, device: torch.device | str | None = None) -> torch.Tensor:
+    """A Triton tensor (an input, or a BLS response's output) as a torch tensor on ``device`` (where it lies when
+    None). One on a GPU comes through DLPack without a copy; one on the CPU is copied out of the shared-memory
+    region that holds it (that region is read-only and lives only as long as the request)."""
+    if value.is_cpu():
+        result = torch.from_numpy(value.as_numpy().copy())
+    else:
+        result = torch.utils.dlpack.from_dlpack(value.to_dlpack())
+    return result if device is None else result.to(device)
+
+
+def torch_input(request, name: str, device: torch.device | str | None, required: bool = True) -> torch.Tensor | None:
+    """Input ``name`` as a torch tensor on ``device``; None when it is absent and not ``required``.
+
+    With ``FORCE_CPU_ONLY_INPUT_TENSORS: "no"`` in the model's config, a tensor that another model produced on a
+    GPU arrives on that GPU and stays there (DLPack); without it Triton copies every input to the CPU first."""
+    value = pb_utils.get_input_tensor_by_name(request, name)
+    if value is None:
+        if required:
+            raise InputError(f"missing input tensor {name}")
+        return None
+    return to_torch(value, device)
+
+
 def tensor(name: str, array: np.ndarray | torch.Tensor) -> Any:
+    """A tensor to send (a response output or a BLS input). A torch tensor goes through DLPack without a copy (a
+    CUDA tensor stays on its GPU); a floating-point one becomes float32 first, the TYPE_FP32 of every config
+    (bf16 and fp16 are compute dtypes here, not wire types). numpy arrays (and torch bools, which DLPack
+    exchange does not cover everywhere) go as numpy, dtype unchanged."""
     if isinstance(array, torch.Tensor):
-        array = array.detach().float().cpu().numpy() if array.is_floating_point() else array.cpu().numpy()
+        value = array.detach()
+        if value.is_floating_point():
+            value = value.float()
+        if value.dtype != torch.bool:
+            return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(value.contiguous()))
+        array = value.cpu().numpy()
     return pb_utils.Tensor(name, np.ascontiguousarray(array))
 
 

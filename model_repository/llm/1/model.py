@@ -61,8 +61,9 @@ class TritonPythonModel:
         ids = backend.optional_input(request, "INPUT_IDS")
         if ids is None or ids.size == 0:
             raise InputError("INPUT_IDS is missing or empty")
-        prefix = backend.optional_input(request, "VISUAL_PREFIX")
-        prefixes = None if prefix is None or prefix.size == 0 else torch.from_numpy(prefix.copy())
+        prefixes = backend.torch_input(request, "VISUAL_PREFIX", self.model.device, required=False)
+        if prefixes is not None and prefixes.numel() == 0:
+            prefixes = None
         return self.model.embed_prompt(torch.from_numpy(ids.astype(np.int64)), prefixes)
 
     def _image(self, prompt: torch.Tensor, sender) -> None:

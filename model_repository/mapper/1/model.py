@@ -15,7 +15,8 @@ from gill.serving import backend  # noqa: E402
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.model = GILL.from_checkpoint(backend.parameters(args)["checkpoint"], backend.device(args), parts=())
+        self.device = backend.device(args)
+        self.model = GILL.from_checkpoint(backend.parameters(args)["checkpoint"], self.device, parts=())
         self.decisions = backend.Counter("gill_decisions_total", "Retrieve-or-generate decisions")
 
     def execute(self, requests):
@@ -23,7 +24,8 @@ class TritonPythonModel:
         batches, owners = [], []
         for index, request in enumerate(requests):
             try:
-                batches.append(torch.from_numpy(backend.required_input(request, "IMG_STATES").copy()))
+                # On the GPU when the llm left them there (FORCE_CPU_ONLY_INPUT_TENSORS "no" in config.pbtxt).
+                batches.append(backend.torch_input(request, "IMG_STATES", self.device))
                 owners.append(index)
             except Exception as error:
                 responses[index] = backend.error_response(error)
