@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gill.errors import GillError
+from gill.options import DEFAULT_SCHEDULER
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="GILL: interleaved image-and-text dialogue.")
 console = Console(stderr=True, soft_wrap=True)  # soft wrap: paths in messages stay whole
@@ -155,6 +156,9 @@ def run(
     gen_scale_factor: float = 1.0,
     guidance_scale: float = 7.5,
     steps: Annotated[int, typer.Option(help="denoising steps")] = 50,
+    scheduler: Annotated[str, typer.Option(
+        help="denoising scheduler: pndm (the reference's, 50 steps) or dpm++ (DPM-Solver++, 20-25 steps)")]
+    = DEFAULT_SCHEDULER,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (in-process; default: cuda if present)")]
     = None,
 ) -> None:
@@ -169,7 +173,7 @@ def run(
     chat_options = ChatOptions(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
         min_word_tokens=min_word_tokens, ret_scale_factor=ret_scale_factor, gen_scale_factor=gen_scale_factor,
-        guidance_scale=guidance_scale, num_inference_steps=steps)
+        guidance_scale=guidance_scale, num_inference_steps=steps, scheduler=scheduler)
     renderer = Renderer(out)
     try:
         request = build_request([message], chat_options)

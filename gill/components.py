@@ -131,5 +131,6 @@ class LocalComponents:
     def generate(self, prompt_embeds: torch.Tensor, options: GenerationOptions, cancel: Callable[[], bool],
                  on_preview: PreviewCallback) -> Image.Image | None:
         return self.generator.generate(
-            prompt_embeds, guidance_scale=options.guidance_scale, num_inference_steps=options.num_inference_steps,
-            seed=options.seed, cancel=cancel, on_preview=on_preview, preview_every=options.preview_every)
+            prompt_embeds, scheduler=options.scheduler, guidance_scale=options.guidance_scale,
+            num_inference_steps=options.num_inference_steps, seed=options.seed, cancel=cancel, on_preview=on_preview,
+            preview_every=options.preview_every)

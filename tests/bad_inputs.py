@@ -219,6 +219,8 @@ CATALOGUE: list[BadInput] = [
     BadInput("options", "min_word_tokens -1", _chat("hi", min_word_tokens=-1), "min_word_tokens=-1"),
     BadInput("options", "ret_scale_factor -inf", _chat("hi", ret_scale_factor=-math.inf), "ret_scale_factor=-inf"),
     BadInput("options", "preview_every -1", _chat("hi", preview_every=-1), "preview_every=-1"),
+    BadInput("options", "scheduler 'euler' (allowed: pndm, dpm++)", _chat("hi", scheduler="euler"),
+             "scheduler='euler'"),
     # Images.
     BadInput("image", "zero-byte image", _chat(b"", "hi"), "image has no data"),
     BadInput("image", "bytes that are not an image", _chat(b"definitely not an image", "hi"),

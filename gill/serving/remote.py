@@ -47,8 +47,17 @@ _UNAVAILABLE = ("is not healthy", "is not ready", "is not found", "unknown model
 
 
 def _output(response, name: str) -> np.ndarray | None:
+    """Output ``name`` as numpy (copied off the GPU if the model produced it there: ``as_numpy`` cannot)."""
     tensor = pb_utils.get_output_tensor_by_name(response, name)
-    return None if tensor is None else tensor.as_numpy()
+    if tensor is None:
+        return None
+    return tensor.as_numpy() if tensor.is_cpu() else backend.to_torch(tensor).cpu().numpy()
+
+
+def _tensor_output(response, name: str) -> torch.Tensor:
+    """Float output ``name`` as torch, where the model left it: a CUDA tensor stays on its GPU (DLPack, no copy),
+    so the [IMG] states and prompt embeddings go llm -> mapper -> diffusion without a trip through host memory."""
+    return backend.to_torch(pb_utils.get_output_tensor_by_name(response, name))
 
 
 def _check(response, model: str) -> None:
@@ -122,8 +131,8 @@ class RemoteComponents:
             rows = [[png_bytes(image)] for image in images[start:start + CLIP_MAX_BATCH]]
             response = self._infer("clip", [pb_utils.Tensor("IMAGE", np.array(rows, dtype=np.object_))],
                                    ["PREFIX", "RETRIEVAL_VECTOR"])
-            prefixes.append(torch.from_numpy(_output(response, "PREFIX").copy()))
-            vectors.append(torch.from_numpy(_output(response, "RETRIEVAL_VECTOR").copy()))
+            prefixes.append(_tensor_output(response, "PREFIX"))
+            vectors.append(_tensor_output(response, "RETRIEVAL_VECTOR"))
         return torch.cat(prefixes), torch.cat(vectors)
 
     def decode(self, prompt: Prompt, options: GenerationOptions,
@@ -133,9 +142,8 @@ class RemoteComponents:
         if prompt.prefixes is not None:
             inputs.append(backend.tensor("VISUAL_PREFIX", prompt.prefixes))
         for response in self._stream("llm", inputs, ["TOKENS", "FINISH_REASON", "IMG_STATES"], cancel):
-            states = _output(response, "IMG_STATES")
-            if states is not None:
-                yield ImageStates({0: torch.from_numpy(states[0].copy())})
+            if pb_utils.get_output_tensor_by_name(response, "IMG_STATES") is not None:
+                yield ImageStates({0: _tensor_output(response, "IMG_STATES")[0]})
                 continue
             tokens = [int(token) for token in _output(response, "TOKENS")]
             reason = _output(response, "FINISH_REASON")[0].decode() or None
@@ -154,10 +162,10 @@ class RemoteComponents:
             decision = Decision(["gen"] * probabilities.shape[0], None)
         else:
             decision = Decision(["gen" if p[0] >= p[1] else "ret" for p in probabilities.tolist()], probabilities)
-        return torch.from_numpy(_output(response, "RETRIEVAL_VECTOR").copy()), decision
+        return _tensor_output(response, "RETRIEVAL_VECTOR"), decision
 
     def prompt_embeddings(self, states: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(_output(self._mapper(states, ["PROMPT_EMBEDS"]), "PROMPT_EMBEDS").copy())
+        return _tensor_output(self._mapper(states, ["PROMPT_EMBEDS"]), "PROMPT_EMBEDS")
 
     def retrieve(self, query: torch.Tensor, exclude: frozenset[int]) -> tuple[Hit, Image.Image] | None:
         try:
@@ -191,6 +199,7 @@ class RemoteComponents:
             backend.tensor("STEPS", np.array([options.num_inference_steps], dtype=np.int32)),
             backend.tensor("SEED", np.array([-1 if options.seed is None else options.seed], dtype=np.int64)),
             backend.tensor("PREVIEW_EVERY", np.array([options.preview_every], dtype=np.int32)),
+            backend.bytes_tensor("SCHEDULER", [options.scheduler.encode()]),
             # A response every step, so the cancellation check below runs every step.
             backend.tensor("PROGRESS", np.array([True])),
         ]

@@ -29,6 +29,7 @@ class ChatOptions:
     allow_retrieval: bool | None = None
     allow_generation: bool | None = None
     preview_every: int | None = None  # denoising steps between previews; 0 sends none
+    scheduler: str | None = None  # "pndm" (the reference's, 50 steps) or "dpm++" (DPM-Solver++, 20-25 steps)
 
     def to_proto(self) -> pb.Options:
         """Returns the wire ``gill.v1.Options`` with exactly the fields that are not None set."""

@@ -256,6 +256,7 @@ class Options(_message.Message):
     ALLOW_RETRIEVAL_FIELD_NUMBER: _builtins.int
     ALLOW_GENERATION_FIELD_NUMBER: _builtins.int
     PREVIEW_EVERY_FIELD_NUMBER: _builtins.int
+    SCHEDULER_FIELD_NUMBER: _builtins.int
     max_new_tokens: _builtins.int
     """Tokens to generate, >= 1; at most the server's limit max_new_tokens (default 1024)."""
     temperature: _builtins.float
@@ -279,6 +280,10 @@ class Options(_message.Message):
     allow_generation: _builtins.bool
     preview_every: _builtins.int
     """Denoising steps between diffusion previews; 0 sends none."""
+    scheduler: _builtins.str
+    """Denoising scheduler of image generation: "pndm" (the reference's, SD v1.5's own; default, best with 50
+    steps) or "dpm++" (DPM-Solver++, comparable images in about 20-25 steps). Other names are rejected.
+    """
     def __init__(
         self,
         *,
@@ -295,10 +300,11 @@ class Options(_message.Message):
         allow_retrieval: _builtins.bool | None = ...,
         allow_generation: _builtins.bool | None = ...,
         preview_every: _builtins.int | None = ...,
+        scheduler: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_allow_generation", b"_allow_generation", "_allow_retrieval", b"_allow_retrieval", "_gen_scale_factor", b"_gen_scale_factor", "_guidance_scale", b"_guidance_scale", "_max_images", b"_max_images", "_max_new_tokens", b"_max_new_tokens", "_min_word_tokens", b"_min_word_tokens", "_num_inference_steps", b"_num_inference_steps", "_preview_every", b"_preview_every", "_ret_scale_factor", b"_ret_scale_factor", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "allow_generation", b"allow_generation", "allow_retrieval", b"allow_retrieval", "gen_scale_factor", b"gen_scale_factor", "guidance_scale", b"guidance_scale", "max_images", b"max_images", "max_new_tokens", b"max_new_tokens", "min_word_tokens", b"min_word_tokens", "num_inference_steps", b"num_inference_steps", "preview_every", b"preview_every", "ret_scale_factor", b"ret_scale_factor", "seed", b"seed", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_allow_generation", b"_allow_generation", "_allow_retrieval", b"_allow_retrieval", "_gen_scale_factor", b"_gen_scale_factor", "_guidance_scale", b"_guidance_scale", "_max_images", b"_max_images", "_max_new_tokens", b"_max_new_tokens", "_min_word_tokens", b"_min_word_tokens", "_num_inference_steps", b"_num_inference_steps", "_preview_every", b"_preview_every", "_ret_scale_factor", b"_ret_scale_factor", "_scheduler", b"_scheduler", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "allow_generation", b"allow_generation", "allow_retrieval", b"allow_retrieval", "gen_scale_factor", b"gen_scale_factor", "guidance_scale", b"guidance_scale", "max_images", b"max_images", "max_new_tokens", b"max_new_tokens", "min_word_tokens", b"min_word_tokens", "num_inference_steps", b"num_inference_steps", "preview_every", b"preview_every", "ret_scale_factor", b"ret_scale_factor", "scheduler", b"scheduler", "seed", b"seed", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_allow_generation", b"_allow_generation", "_allow_retrieval", b"_allow_retrieval", "_gen_scale_factor", b"_gen_scale_factor", "_guidance_scale", b"_guidance_scale", "_max_images", b"_max_images", "_max_new_tokens", b"_max_new_tokens", "_min_word_tokens", b"_min_word_tokens", "_num_inference_steps", b"_num_inference_steps", "_preview_every", b"_preview_every", "_ret_scale_factor", b"_ret_scale_factor", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "allow_generation", b"allow_generation", "allow_retrieval", b"allow_retrieval", "gen_scale_factor", b"gen_scale_factor", "guidance_scale", b"guidance_scale", "max_images", b"max_images", "max_new_tokens", b"max_new_tokens", "min_word_tokens", b"min_word_tokens", "num_inference_steps", b"num_inference_steps", "preview_every", b"preview_every", "ret_scale_factor", b"ret_scale_factor", "seed", b"seed", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_allow_generation", b"_allow_generation", "_allow_retrieval", b"_allow_retrieval", "_gen_scale_factor", b"_gen_scale_factor", "_guidance_scale", b"_guidance_scale", "_max_images", b"_max_images", "_max_new_tokens", b"_max_new_tokens", "_min_word_tokens", b"_min_word_tokens", "_num_inference_steps", b"_num_inference_steps", "_preview_every", b"_preview_every", "_ret_scale_factor", b"_ret_scale_factor", "_scheduler", b"_scheduler", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "allow_generation", b"allow_generation", "allow_retrieval", b"allow_retrieval", "gen_scale_factor", b"gen_scale_factor", "guidance_scale", b"guidance_scale", "max_images", b"max_images", "max_new_tokens", b"max_new_tokens", "min_word_tokens", b"min_word_tokens", "num_inference_steps", b"num_inference_steps", "preview_every", b"preview_every", "ret_scale_factor", b"ret_scale_factor", "scheduler", b"scheduler", "seed", b"seed", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__allow_generation: _TypeAlias = _typing.Literal["allow_generation"]  # noqa: Y015
     _WhichOneofArgType__allow_generation: _TypeAlias = _typing.Literal["_allow_generation", b"_allow_generation"]  # noqa: Y015
@@ -320,6 +326,8 @@ class Options(_message.Message):
     _WhichOneofArgType__preview_every: _TypeAlias = _typing.Literal["_preview_every", b"_preview_every"]  # noqa: Y015
     _WhichOneofReturnType__ret_scale_factor: _TypeAlias = _typing.Literal["ret_scale_factor"]  # noqa: Y015
     _WhichOneofArgType__ret_scale_factor: _TypeAlias = _typing.Literal["_ret_scale_factor", b"_ret_scale_factor"]  # noqa: Y015
+    _WhichOneofReturnType__scheduler: _TypeAlias = _typing.Literal["scheduler"]  # noqa: Y015
+    _WhichOneofArgType__scheduler: _TypeAlias = _typing.Literal["_scheduler", b"_scheduler"]  # noqa: Y015
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
     _WhichOneofReturnType__temperature: _TypeAlias = _typing.Literal["temperature"]  # noqa: Y015
@@ -346,6 +354,8 @@ class Options(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__preview_every) -> _WhichOneofReturnType__preview_every | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__ret_scale_factor) -> _WhichOneofReturnType__ret_scale_factor | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__scheduler) -> _WhichOneofReturnType__scheduler | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
     @_typing.overload
