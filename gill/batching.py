@@ -80,6 +80,8 @@ class Row:
         if options.seed is not None:
             self.generator = torch.Generator(device=device).manual_seed(options.seed)
         self.history = torch.zeros(1, 0, dtype=torch.long, device=device)
+        self._may_show = torch.tensor([True], device=device)
+        self._may_not = torch.tensor([False], device=device)
         self.step = 0
         self.images_used = 0
         self.token: int | None = None  # the last sampled token, fed at the next forward
@@ -96,16 +98,20 @@ class Row:
         except Exception:  # noqa: BLE001 - a consumer that fails only ends its own row
             self.failed = True
 
-    def sample(self, logits: torch.Tensor) -> None:
-        """Draw the next token from ``[1, V]`` logits and decide whether the row stops."""
+    def draw(self, logits: torch.Tensor) -> torch.Tensor:
+        """The next token, ``[1]`` on the device, drawn from ``[1, V]`` logits (no wait for the device)."""
         self.rule.step = self.step
-        self.rule.allowed_rows = torch.tensor([self.images_used < self.options.max_images], device=logits.device)
+        self.rule.allowed_rows = self._may_show if self.images_used < self.options.max_images else self._may_not
         scores = self.processors(self.history, logits)
         if self.options.temperature > 0:
-            token = int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=self.generator))
+            token = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=self.generator)[0]
         else:
-            token = int(scores.argmax(dim=-1))
-        self.history = torch.cat([self.history, self.history.new_tensor([[token]])], dim=1)
+            token = scores.argmax(dim=-1)
+        self.history = torch.cat([self.history, token[None]], dim=1)
+        return token
+
+    def accept(self, token: int) -> None:
+        """Take the drawn token and decide whether the row stops."""
         self.token = token
         self.image_pending = token == self.img[0]
         if self.image_pending:
@@ -158,18 +164,24 @@ class DecodeBatch:
         self.rows.extend(rows)
 
     def sample(self) -> None:
-        """One token per row, reported to the row; rows done (no ``[IMG]`` chunk to feed) leave the batch."""
+        """One token per row, reported to the row; rows done (no ``[IMG]`` chunk to feed) leave the batch.
+
+        Every row draws with its own rules and generator; the drawn tokens come to the host together (one wait
+        for the device per step, not one per row)."""
         assert self.logits is not None
+        live = [row for row in self.rows if not row.failed]
         with torch.inference_mode():
-            for index, row in enumerate(self.rows):
-                if row.failed:  # its consumer is gone: nothing to sample for
-                    row.finished, row.image_pending = row.finished or "cancelled", False
-                    continue
-                row.sample(self.logits[index:index + 1])
-                # Checked before every forward: a cancelled row stops within one step.
-                if (row.finished is None or row.image_pending) and row.cancelled():
-                    row.finished, row.image_pending = row.finished or "cancelled", False
-                row.send(RowToken(row.token, row.finished))
+            drawn = [row.draw(self.logits[index:index + 1]) for index, row in enumerate(self.rows) if not row.failed]
+            tokens = torch.cat(drawn).tolist() if drawn else []
+        for row in self.rows:
+            if row.failed:  # its consumer is gone: nothing to report to
+                row.finished, row.image_pending = row.finished or "cancelled", False
+        for row, token in zip(live, tokens, strict=True):
+            row.accept(token)
+            # Checked before every forward: a cancelled row stops within one step.
+            if (row.finished is None or row.image_pending) and row.cancelled():
+                row.finished, row.image_pending = row.finished or "cancelled", False
+            row.send(RowToken(row.token, row.finished))
         self._keep([row.image_pending or row.finished is None for row in self.rows])
 
     def advance(self) -> None:
@@ -178,18 +190,20 @@ class DecodeBatch:
             return
         image_rows = [row.image_pending for row in self.rows]
         chunk = len(self.img_ids) if any(image_rows) else 1
-        ids = torch.full((len(self.rows), chunk), self.decoder.tokens.pad, dtype=torch.long, device=self.device)
-        chunk_mask = torch.zeros(len(self.rows), chunk, dtype=torch.long, device=self.device)
+        # Built on the host and copied once: element writes into a device tensor are a copy each.
+        ids = torch.full((len(self.rows), chunk), self.decoder.tokens.pad, dtype=torch.long)
+        chunk_mask = torch.zeros(len(self.rows), chunk, dtype=torch.long)
         for index, row in enumerate(self.rows):
             if row.image_pending:
-                ids[index], chunk_mask[index] = self.img_ids, 1
+                ids[index], chunk_mask[index] = torch.tensor(self.decoder.tokens.img), 1
             else:
                 ids[index, 0], chunk_mask[index, 0] = row.token, 1
+        last = torch.tensor([chunk - 1 if image else 0 for image in image_rows])
+        ids, chunk_mask, last = (t.to(self.device, non_blocking=True) for t in (ids, chunk_mask, last))
         self.mask = torch.cat([self.mask, chunk_mask], dim=1)
         with torch.inference_mode():
             embeds = self.decoder.lm.get_input_embeddings()(ids)
             states = self.decoder._forward(embeds, self.mask, self.cache)
-            last = torch.tensor([chunk - 1 if image else 0 for image in image_rows], device=self.device)
             self.logits = self.decoder._logits(states[torch.arange(len(self.rows), device=self.device), last])
         for index, row in enumerate(self.rows):
             if row.image_pending:

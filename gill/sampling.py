@@ -18,7 +18,10 @@ class ImageTokenRule(LogitsProcessor):
 
     def __init__(self, img_ids: tuple[int, ...], options: GenerationOptions) -> None:
         self.img0 = img_ids[0]
-        self.forced = list(img_ids[1:])
+        forced = list(img_ids[1:])
+        contiguous = forced == list(range(forced[0], forced[0] + len(forced))) if forced else False
+        # A slice when the ids follow each other (GILL's do): indexing with a list copies it to the device per call.
+        self.forced: slice | list[int] = slice(forced[0], forced[-1] + 1) if contiguous else forced
         self.options = options
         self.step = 0
         self.allowed_rows: torch.Tensor | None = None  # [B] bool: rows that may still start an image
@@ -32,8 +35,8 @@ class ImageTokenRule(LogitsProcessor):
         for factor in (self.options.ret_scale_factor, self.options.gen_scale_factor):
             if factor > 1:
                 scores[:, self.img0] = scores[:, self.img0].abs() * factor
-        if self.allowed_rows is not None:
-            scores[~self.allowed_rows, self.img0] = -float("inf")
+        if self.allowed_rows is not None:  # masked_fill, not boolean indexing: that waits for the device
+            scores[:, self.img0] = scores[:, self.img0].masked_fill(~self.allowed_rows, -float("inf"))
         return scores
 
 
