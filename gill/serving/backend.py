@@ -139,9 +139,28 @@ class CancelRegistry:
             self._flags.pop(request_id, None)
 
 
-def checker(request, flag: threading.Event) -> Callable[[], bool]:
-    """True once the client cancelled this request or a ``CANCEL`` control request named it."""
-    return lambda: flag.is_set() or request.is_cancelled()
+CANCEL_POLL_S = 0.02
+
+
+def checker(request, flag: threading.Event | None = None, poll_s: float = CANCEL_POLL_S) -> Callable[[], bool]:
+    """True once the client cancelled this request or a ``CANCEL`` control request named it.
+
+    ``request.is_cancelled()`` is a round trip to the server process: it is asked at most every ``poll_s``
+    seconds (a decode step of a small model is a few ms, and asking every step cost about a fifth of the served
+    tokens/s), so a client's cancel is seen within ``poll_s`` or one step, whichever is longer. The flag of a
+    ``CANCEL`` control request is local and checked every time."""
+    state = {"asked": 0.0, "cancelled": False}
+
+    def cancelled() -> bool:
+        if state["cancelled"] or (flag is not None and flag.is_set()):
+            return True
+        now = time.monotonic()
+        if now - state["asked"] >= poll_s:
+            state["asked"] = now
+            state["cancelled"] = bool(request.is_cancelled())
+        return state["cancelled"]
+
+    return cancelled
 
 
 def handle_control(request, registry: CancelRegistry) -> bool:

@@ -60,7 +60,7 @@ class TritonPythonModel:
             options = protocol.options_from_request(chat, limits=self.limits)
             pending, last_sent = [], 0.0
             shown = protocol.shown_corpus_ids(chat)
-            for event in self.pipeline.stream(parts, options, cancel=request.is_cancelled, shown=shown):
+            for event in self.pipeline.stream(parts, options, cancel=backend.checker(request), shown=shown):
                 if isinstance(event, TextDelta):
                     # Text that arrives within the interval travels as one delta: each event costs a send.
                     pending.append(event.text)
