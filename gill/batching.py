@@ -29,7 +29,7 @@ from transformers import DynamicCache
 
 from gill.errors import InputError
 from gill.options import GenerationOptions
-from gill.sampling import ImageTokenRule, processors
+from gill.sampling import image_rule, warpers
 
 if TYPE_CHECKING:
     from gill.decoding import Decoder
@@ -60,6 +60,7 @@ class RowEnd:
 
 
 RowEvent = RowToken | RowImage | RowEnd
+_NO_IDS = torch.zeros(1, 0, dtype=torch.long)  # the warpers used here do not read the ids so far
 Emit = Callable[[RowEvent], None]
 
 
@@ -73,15 +74,11 @@ class Row:
         self.cancel = cancel
         self.img = decoder.tokens.img
         self.eos, self.newline = decoder.tokens.eos, decoder.tokens.newline
-        self.rule = ImageTokenRule(self.img, options)
-        self.processors = processors(self.rule, options)
+        self.warpers = warpers(options)  # temperature and top-p; the [IMG] rule applies to all rows at once
         device = decoder.lm.get_input_embeddings().weight.device
         self.generator = None
         if options.seed is not None:
             self.generator = torch.Generator(device=device).manual_seed(options.seed)
-        self.history = torch.zeros(1, 0, dtype=torch.long, device=device)
-        self._may_show = torch.tensor([True], device=device)
-        self._may_not = torch.tensor([False], device=device)
         self.step = 0
         self.images_used = 0
         self.token: int | None = None  # the last sampled token, fed at the next forward
@@ -98,17 +95,15 @@ class Row:
         except Exception:  # noqa: BLE001 - a consumer that fails only ends its own row
             self.failed = True
 
-    def draw(self, logits: torch.Tensor) -> torch.Tensor:
-        """The next token, ``[1]`` on the device, drawn from ``[1, V]`` logits (no wait for the device)."""
-        self.rule.step = self.step
-        self.rule.allowed_rows = self._may_show if self.images_used < self.options.max_images else self._may_not
-        scores = self.processors(self.history, logits)
-        if self.options.temperature > 0:
-            token = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=self.generator)[0]
-        else:
-            token = scores.argmax(dim=-1)
-        self.history = torch.cat([self.history, token[None]], dim=1)
-        return token
+    @property
+    def image_blocked(self) -> bool:
+        """``[IMG0]`` may not be sampled now: within the first ``min_word_tokens`` steps or out of image budget."""
+        return self.step < self.options.min_word_tokens or self.images_used >= self.options.max_images
+
+    def draw(self, scores: torch.Tensor) -> torch.Tensor:
+        """A sampled token, ``[1]`` on the device, from ``[1, V]`` scores that had the ``[IMG]`` rule applied."""
+        scores = self.warpers(_NO_IDS, scores)
+        return torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=self.generator)[0]
 
     def accept(self, token: int) -> None:
         """Take the drawn token and decide whether the row stops."""
@@ -166,17 +161,32 @@ class DecodeBatch:
     def sample(self) -> None:
         """One token per row, reported to the row; rows done (no ``[IMG]`` chunk to feed) leave the batch.
 
-        Every row draws with its own rules and generator; the drawn tokens come to the host together (one wait
-        for the device per step, not one per row)."""
+        The ``[IMG]`` rule applies to every row at once (each with its own step, budget and scale factors), greedy
+        rows take one argmax together, sampling rows draw with their own temperature, top-p and generator; the
+        tokens come to the host in one transfer (one wait for the device per step, not one per row)."""
         assert self.logits is not None
-        live = [row for row in self.rows if not row.failed]
-        with torch.inference_mode():
-            drawn = [row.draw(self.logits[index:index + 1]) for index, row in enumerate(self.rows) if not row.failed]
-            tokens = torch.cat(drawn).tolist() if drawn else []
         for row in self.rows:
-            if row.failed:  # its consumer is gone: nothing to report to
+            if row.failed:  # its consumer is gone: nothing to draw for or report to
                 row.finished, row.image_pending = row.finished or "cancelled", False
-        for row, token in zip(live, tokens, strict=True):
+        live = [index for index, row in enumerate(self.rows) if not row.failed]
+        rows = [self.rows[index] for index in live]
+        tokens: list[int] = []
+        if rows:
+            with torch.inference_mode():
+                logits = self.logits if len(live) == len(self.rows) else self.logits[live]
+                settings = torch.tensor([[row.image_blocked, row.options.ret_scale_factor,
+                                          row.options.gen_scale_factor] for row in rows], dtype=logits.dtype)
+                settings = settings.to(self.device, non_blocking=True)
+                scores = image_rule(logits, self.decoder.tokens.img, settings[:, 0] > 0, settings[:, 1],
+                                    settings[:, 2])
+                drawn = scores.argmax(dim=-1)
+                sampling = [index for index, row in enumerate(rows) if row.options.temperature > 0]
+                if sampling:
+                    drawn = drawn.clone()
+                    for index in sampling:
+                        drawn[index:index + 1] = rows[index].draw(scores[index:index + 1])
+                tokens = drawn.tolist()
+        for row, token in zip(rows, tokens, strict=True):
             row.accept(token)
             # Checked before every forward: a cancelled row stops within one step.
             if (row.finished is None or row.image_pending) and row.cancelled():

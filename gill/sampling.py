@@ -8,36 +8,46 @@ from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogits
 from gill.options import GenerationOptions
 
 
-class ImageTokenRule(LogitsProcessor):
-    """The reference's ``[IMG]`` logit rules, applied before temperature and top-p.
+def image_rule(scores: torch.Tensor, img_ids: tuple[int, ...], blocked: torch.Tensor, ret_scale: torch.Tensor,
+               gen_scale: torch.Tensor) -> torch.Tensor:
+    """The reference's ``[IMG]`` logit rules on ``[B, V]`` scores, each row with its own settings (``[B]`` tensors
+    on the scores' device), applied before temperature and top-p; returns new scores.
 
-    ``[IMG1..7]`` are never sampled (they are forced after ``[IMG0]``); ``[IMG0]`` is forbidden during the
-    first ``min_word_tokens`` steps and for rows out of image budget; otherwise a scale factor above 1 sets
-    its logit to ``|logit| * factor`` (retrieval factor first, then generation factor, as the reference).
+    ``[IMG1..7]`` are never sampled (they are forced after ``[IMG0]``); ``[IMG0]`` is forbidden in ``blocked``
+    rows (within the first ``min_word_tokens`` steps, or out of image budget); otherwise a scale factor above 1
+    sets its logit to ``|logit| * factor`` (retrieval factor first, then generation factor, as the reference).
     """
+    img0, forced = img_ids[0], list(img_ids[1:])
+    scores = scores.clone()
+    if forced == list(range(forced[0], forced[0] + len(forced))):
+        scores[:, forced[0]:forced[-1] + 1] = -float("inf")  # a slice: a list index is a copy to the device
+    else:
+        scores[:, forced] = -float("inf")
+    img = scores[:, img0]
+    for factor in (ret_scale, gen_scale):
+        img = torch.where(factor > 1, img.abs() * factor, img)
+    scores[:, img0] = img.masked_fill(blocked, -float("inf"))  # masked_fill: boolean indexing waits for the device
+    return scores
+
+
+class ImageTokenRule(LogitsProcessor):
+    """:func:`image_rule` as a transformers ``LogitsProcessor`` for rows sharing ``options``; set ``step`` (and
+    ``allowed_rows``, ``[B]`` bool: rows that may still start an image) before each call."""
 
     def __init__(self, img_ids: tuple[int, ...], options: GenerationOptions) -> None:
-        self.img0 = img_ids[0]
-        forced = list(img_ids[1:])
-        contiguous = forced == list(range(forced[0], forced[0] + len(forced))) if forced else False
-        # A slice when the ids follow each other (GILL's do): indexing with a list copies it to the device per call.
-        self.forced: slice | list[int] = slice(forced[0], forced[-1] + 1) if contiguous else forced
+        self.img_ids = img_ids
         self.options = options
         self.step = 0
-        self.allowed_rows: torch.Tensor | None = None  # [B] bool: rows that may still start an image
+        self.allowed_rows: torch.Tensor | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        scores = scores.clone()
-        scores[:, self.forced] = -float("inf")
-        if self.step < self.options.min_word_tokens:
-            scores[:, self.img0] = -float("inf")
-            return scores
-        for factor in (self.options.ret_scale_factor, self.options.gen_scale_factor):
-            if factor > 1:
-                scores[:, self.img0] = scores[:, self.img0].abs() * factor
-        if self.allowed_rows is not None:  # masked_fill, not boolean indexing: that waits for the device
-            scores[:, self.img0] = scores[:, self.img0].masked_fill(~self.allowed_rows, -float("inf"))
-        return scores
+        rows = scores.shape[0]
+        blocked = torch.full((rows,), self.step < self.options.min_word_tokens, device=scores.device)
+        if self.allowed_rows is not None:
+            blocked = blocked | ~self.allowed_rows.to(scores.device)
+        ret, gen = (torch.full((rows,), factor, device=scores.device, dtype=scores.dtype)
+                    for factor in (self.options.ret_scale_factor, self.options.gen_scale_factor))
+        return image_rule(scores, self.img_ids, blocked, ret, gen)
 
 
 class StableScores(LogitsProcessor):
@@ -55,9 +65,9 @@ class StableScores(LogitsProcessor):
         return scores - scores.max(dim=-1, keepdim=True).values
 
 
-def processors(rule: ImageTokenRule, options: GenerationOptions) -> LogitsProcessorList:
-    """``rule`` first, then (when sampling) stable scores, temperature and top-p, as transformers applies them."""
-    chain = LogitsProcessorList([rule])
+def warpers(options: GenerationOptions) -> LogitsProcessorList:
+    """What sampling applies after the ``[IMG]`` rule: stable scores, temperature and top-p (empty when greedy)."""
+    chain = LogitsProcessorList()
     if options.temperature > 0:
         chain.append(StableScores())
         chain.append(TemperatureLogitsWarper(options.temperature))
