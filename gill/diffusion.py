@@ -253,7 +253,7 @@ class DiffusionBatcher:
         self.on_batch = on_batch  # sees each loop's batch size, for metrics and tests
         self._waiting: list[_Waiting] = []
         self._condition = threading.Condition()
-        threading.Thread(target=self._run, name="gill-diffusion-batcher", daemon=True).start()
+        threading.Thread(target=self._run, name="gill-denoise-loop", daemon=True).start()
 
     def generate(self, job: GenerationJob, settings: LoopSettings = LoopSettings()) -> Image.Image | None:
         """The job's image, or None when it was cancelled; raises what its loop raised."""
