@@ -42,7 +42,7 @@ from gill_client import ImageEvent as WireImage
 from gill_client.messages import build_request
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kv_cache import record, small_checkpoint  # noqa: E402  (the same checkpoint and docs writer)
+from kv_cache import report, small_checkpoint  # noqa: E402  (the same checkpoint and docs writer)
 from serving import triton_version  # noqa: E402
 
 MARK = "branches"
@@ -230,10 +230,7 @@ def main() -> None:
         "load, so the saving for a retrieving turn grows far beyond the ratio measured here.",
         f"<!-- /{MARK} -->",
     ]
-    table = "\n".join(lines)
-    print(table)
-    if args.write:
-        record(table, MARK)
+    report(lines, MARK, args.write)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from gill_client import Done as WireDone
 from gill_client import TextDelta as WireText
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kv_cache import record, small_checkpoint  # noqa: E402  (the same checkpoint and docs writer)
+from kv_cache import report, small_checkpoint  # noqa: E402  (the same checkpoint and docs writer)
 from serving import triton_version  # noqa: E402
 
 MARK = "concurrency"
@@ -212,10 +212,7 @@ def main() -> None:
         "`gill_llm_decode_steps_total` counters.",
         f"<!-- /{MARK} -->",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.write:
-        record(text, MARK)
+    report(lines, MARK, args.write)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from gill.diffusion import ImageGenerator, latents_to_preview
 from gill.images import png_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kv_cache import record, small_checkpoint, synchronize  # noqa: E402  (the same checkpoint and docs writer)
+from kv_cache import report, small_checkpoint, synchronize  # noqa: E402  (the same checkpoint and docs writer)
 
 MARK = "diffusion-scheduler"
 BASELINE = ("pndm", 50)  # the reference's scheduler and step count
@@ -112,10 +112,7 @@ def main() -> None:
         f"({100 * preview_png_s / step_s:.2f}% of a step with `preview_every: 1`).",
         f"<!-- /{MARK} -->",
     ]
-    table = "\n".join(lines)
-    print(table)
-    if args.write:
-        record(table, MARK)
+    report(lines, MARK, args.write)
 
 
 if __name__ == "__main__":

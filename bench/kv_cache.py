@@ -105,10 +105,15 @@ def main() -> None:
         *[f"| {name} | {seconds:.2f} | {rate:.1f} | {ratio:.1f}x |" for name, seconds, rate, ratio in rows],
         f"<!-- /{marker} -->",
     ]
-    table = "\n".join(lines)
-    print(table)
-    if args.write:
-        record(table, marker)
+    report(lines, marker, args.write)
+
+
+def report(lines: list[str], marker: str, write: bool) -> None:
+    """Print a benchmark's markdown section; with ``write``, also record it in docs/benchmarks.md."""
+    section = "\n".join(lines)
+    print(section)
+    if write:
+        record(section, marker)
 
 
 def record(table: str, marker: str) -> None:

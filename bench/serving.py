@@ -36,7 +36,7 @@ from gill_client import TextDelta as WireText
 from gill_client.messages import build_request
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kv_cache import record, small_checkpoint  # noqa: E402  (the same checkpoint and docs writer)
+from kv_cache import report, small_checkpoint  # noqa: E402  (the same checkpoint and docs writer)
 
 ROOT = Path(__file__).resolve().parent.parent
 MARK = "serving"
@@ -202,10 +202,7 @@ def main() -> None:
         f"{torch.get_num_threads()} cores, one at a time.",
         f"<!-- /{MARK} -->",
     ]
-    table = "\n".join(lines)
-    print(table)
-    if args.write:
-        record(table, MARK)
+    report(lines, MARK, args.write)
 
 
 
