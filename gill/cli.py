@@ -307,6 +307,50 @@ def serve(
     raise typer.Exit(0 if clean else 1)
 
 
+@app.command()
+def demo(
+    url: Annotated[str, typer.Option(envvar="GILL_URL", help="the server's gRPC address: host:port or "
+                                                             "grpcs://host:port")] = "localhost:8001",
+    host: Annotated[str, typer.Option(help="address the web page binds; 0.0.0.0 to accept remote browsers")]
+    = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port of the web page")] = 7860,
+    api_key: Annotated[str | None, typer.Option(envvar="GILL_API_KEY", show_envvar=True,
+                                                help="the server's API key")] = None,
+    api_key_file: Annotated[Path | None, typer.Option(help="read the API key from this file")] = None,
+    tls_ca: Annotated[Path | None, typer.Option(help="PEM certificate authority to trust: connect over TLS")] = None,
+    image_frequency: Annotated[float, typer.Option(help="starting image frequency (retrieval and generation "
+                                                        "scale factor)")] = 1.3,
+    max_words: Annotated[int, typer.Option(help="starting max words (new tokens) of an answer")] = 150,
+    temperature: Annotated[float, typer.Option(help="starting sampling temperature (0: greedy)")] = 0.6,
+    steps: Annotated[int, typer.Option(help="starting denoising steps of a generated image")] = 50,
+    min_word_tokens: Annotated[int | None, typer.Option(help="no image during an answer's first this many "
+                                                             "tokens (default: the server's)")] = None,
+    preview_every: Annotated[int, typer.Option(help="denoising steps between live previews (0: none)")] = 5,
+    seed: Annotated[int | None, typer.Option(help="seed of sampling and diffusion (default: random)")] = None,
+) -> None:
+    """Serve a web chat (Gradio) with a running GILL server; it holds no model, only the client library."""
+    try:
+        if api_key_file is not None:
+            api_key = api_key_file.read_text().strip()
+        tls_settings = None
+        if tls_ca is not None:
+            from gill_client import TLS
+
+            tls_settings = TLS.from_files(tls_ca)
+        try:
+            from gill.demo import Connection, Demo, Knobs
+        except ImportError as error:
+            raise ValueError(f"the web demo needs gradio ({error}): pip install 'gill[demo]'") from None
+
+        knobs = Knobs(image_frequency=image_frequency, max_words=max_words, temperature=temperature, steps=steps,
+                      min_word_tokens=min_word_tokens, preview_every=preview_every, seed=seed)
+        app_demo = Demo(Connection(url, api_key, tls_settings or False), knobs)
+    except (OSError, ValueError) as error:
+        _fail(error)
+    print(f"web demo on http://{host}:{port} (GILL server: {url})", flush=True)
+    app_demo.launch(host, port)
+
+
 def _log_watchdog() -> None:
     """The stub watchdog's reloads (gill/serving/watchdog.py) go to the terminal with a time stamp."""
     import logging
