@@ -206,6 +206,14 @@ def test_server_down_is_a_clear_unavailable_error():
             list(down.chat("hello"))
     assert time.monotonic() - started < 10
 
+    async def down_async() -> None:
+        async with AsyncGillClient(address, retry=RetryPolicy(attempts=2, initial_backoff_s=0.05)) as client:
+            with pytest.raises(Unavailable, match=f"cannot reach the GILL server at {address}.*is it running"):
+                async for _ in client.chat("hello"):
+                    pass
+
+    asyncio.run(down_async())  # the asyncio stack's errors are typed alike
+
 
 def test_unavailable_before_the_first_event_is_retried(server, caplog):
     proxy = Proxy(server.endpoints.grpc, refuse_first=2)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import grpc.aio
 from tritonclient.grpc import service_pb2
 
 from gill_client.errors import (
@@ -153,8 +154,10 @@ def _triton_error(message: str, request_id: str | None) -> GillClientError:
 def rpc_error(error: grpc.RpcError, target: str, request_id: str | None = None,
               timeout: float | None = None) -> GillClientError:
     """Returns the typed error of a failed call; the message says what to do where there is something to do."""
-    code = error.code() if isinstance(error, grpc.Call) else None
-    details = (error.details() if isinstance(error, grpc.Call) else None) or str(error)
+    # The asyncio stack's errors (grpc.aio.AioRpcError) carry the same code and details but are not grpc.Call.
+    call = error if isinstance(error, (grpc.Call, grpc.aio.AioRpcError)) else None
+    code = call.code() if call is not None else None
+    details = (call.details() if call is not None else None) or str(error)
     if code == grpc.StatusCode.UNAVAILABLE and "restricted" in details:
         # Triton answers a missing or wrong restricted-protocol header with UNAVAILABLE; it is not transient.
         return Unauthenticated(f"the server at {target} requires an API key: pass api_key= (or --api-key); "
