@@ -351,6 +351,116 @@ def demo(
     app_demo.launch(host, port)
 
 
+eval_app = typer.Typer(no_args_is_help=True, help="Reproduce the paper's evaluations (docs/evaluation.md).")
+app.add_typer(eval_app, name="eval")
+
+_CONTEXT_HELP = ("context given before the forced image: captions-images (5 captions + 4 images), captions (the 5 "
+                 "captions), caption (the 5th caption); repeatable")
+
+
+def _eval_inputs(sis: Path, images: Path | None, checkpoint: Path, device: str | None, generation: bool):
+    """The split, its image folder and the in-process pipeline (retrieval corpus never loaded, as the reference)."""
+    from gill.evaluation.datasets import ImageFolder, read_vist_sis
+    from gill.pipeline import Pipeline
+
+    split = read_vist_sis(sis)
+    folder = ImageFolder(images or sis.parent / "val_images")
+    with console.status(f"loading {checkpoint}"):
+        pipeline = Pipeline.from_checkpoint(checkpoint, device=device, load_retrieval=False,
+                                            load_diffusion=generation)
+    return split, folder, pipeline
+
+
+def _eval_header(name: str, sis: Path, checkpoint: Path, device: str | None) -> dict:
+    from gill.evaluation.report import checkpoint_identity, started, versions
+
+    return {"eval": name, "dataset": {"name": "VIST SIS", "path": str(sis.resolve())},
+            "checkpoint": checkpoint_identity(checkpoint), "versions": versions(), "device": device or "auto",
+            **started()}
+
+
+@eval_app.command("vist")
+def eval_vist(
+    sis: Annotated[Path, typer.Argument(help="the VIST SIS split in its official format, e.g. "
+                                             "sis/val.story-in-sequence.json")],
+    checkpoint: Annotated[Path, typer.Option(help="GILL checkpoint directory (in-process)")],
+    clip: Annotated[Path, typer.Option(help="local copy of openai/clip-vit-large-patch14 (the full CLIPModel): "
+                                            "the CLIP similarity model")],
+    images: Annotated[Path | None, typer.Option(help="folder of <photo_flickr_id>.png (default: val_images "
+                                                     "beside SIS)")] = None,
+    lpips_alexnet: Annotated[Path | None, typer.Option(help="torchvision's ImageNet AlexNet state dict "
+                                                            "(alexnet-owt-7be5be79.pth), the LPIPS trunk; without "
+                                                            "it LPIPS is not computed")] = None,
+    out: Annotated[Path, typer.Option(help="result.json, result.md and the generated images go here")]
+    = Path("outputs/eval/vist"),
+    context: Annotated[list[str] | None, typer.Option(help=_CONTEXT_HELP)] = None,
+    max_stories: Annotated[int | None, typer.Option(help="only the first N usable stories")] = None,
+    seed: Annotated[int, typer.Option(help="diffusion seed of every story (the reference's: 42)")] = 42,
+    steps: Annotated[int, typer.Option(help="denoising steps (the reference's: 50)")] = 50,
+    guidance_scale: float = 7.5,
+    scheduler: Annotated[str, typer.Option(help="pndm (the reference's) or dpm++")] = "pndm",
+    device: Annotated[str | None, typer.Option(help="cpu, cuda ... (default: cuda if present)")] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+) -> None:
+    """VIST contextual image generation (paper Table 1): CLIP similarity and LPIPS of the forced 5th image."""
+    from gill.evaluation import report
+    from gill.evaluation.metrics import ClipSimilarity, Lpips
+    from gill.evaluation.vist import VistSettings, evaluate_vist, pipeline_generator
+
+    try:
+        settings = VistSettings(contexts=tuple(context or ("captions-images",)), seed=seed,
+                                guidance_scale=guidance_scale, num_inference_steps=steps, scheduler=scheduler,
+                                max_stories=max_stories)
+        header = _eval_header("vist", sis, checkpoint, device)
+        metric = ClipSimilarity.from_directory(clip, device)
+        distance = Lpips.from_alexnet(lpips_alexnet, device) if lpips_alexnet is not None else None
+        split, folder, pipeline = _eval_inputs(sis, images, checkpoint, device, generation=True)
+        body = evaluate_vist(split, folder, pipeline_generator(pipeline), metric, distance, settings, out,
+                             progress=not quiet)
+    except (GillError, OSError) as error:
+        _fail(error)
+    notes = []
+    if distance is None:
+        notes.append("LPIPS not computed: give --lpips-alexnet (torchvision's alexnet-owt-7be5be79.pth)")
+    elif not distance.describe()["alexnet_is_torchvision_imagenet"]:
+        notes.append("LPIPS trunk is not torchvision's ImageNet AlexNet: LPIPS not comparable to the paper")
+    result = header | {"metrics": {"clip_similarity": metric.describe(),
+                                   "lpips": distance.describe() if distance is not None else None},
+                       "notes": notes} | body
+    json_path, markdown_path = report.write(out, result, report.vist_markdown(result))
+    print(markdown_path.read_text())
+    print(f"wrote {json_path} and {markdown_path}")
+
+
+@eval_app.command("retrieval")
+def eval_retrieval(
+    sis: Annotated[Path, typer.Argument(help="the VIST SIS split in its official format")],
+    checkpoint: Annotated[Path, typer.Option(help="GILL checkpoint directory (in-process)")],
+    images: Annotated[Path | None, typer.Option(help="folder of <photo_flickr_id>.png (default: val_images "
+                                                     "beside SIS)")] = None,
+    out: Annotated[Path, typer.Option(help="result.json and result.md go here")] = Path("outputs/eval/retrieval"),
+    context: Annotated[list[str] | None, typer.Option(help=_CONTEXT_HELP)] = None,
+    max_stories: Annotated[int | None, typer.Option(help="only the first N usable stories")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda ... (default: cuda if present)")] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+) -> None:
+    """VIST contextual image retrieval (paper Table 5): recall@1/5/10 among the split's photos."""
+    from gill.evaluation import report
+    from gill.evaluation.retrieval import RetrievalSettings, evaluate_vist_retrieval
+
+    try:
+        settings = RetrievalSettings(contexts=tuple(context or ("captions-images",)), max_stories=max_stories)
+        header = _eval_header("vist_retrieval", sis, checkpoint, device)
+        split, folder, pipeline = _eval_inputs(sis, images, checkpoint, device, generation=False)
+        body = evaluate_vist_retrieval(split, folder, pipeline, settings, progress=not quiet)
+    except (GillError, OSError) as error:
+        _fail(error)
+    result = header | body
+    json_path, markdown_path = report.write(out, result, report.retrieval_markdown(result))
+    print(markdown_path.read_text())
+    print(f"wrote {json_path} and {markdown_path}")
+
+
 def _log_watchdog() -> None:
     """The stub watchdog's reloads (gill/serving/watchdog.py) go to the terminal with a time stamp."""
     import logging

@@ -1,0 +1,130 @@
+"""Result files of an eval: ``result.json`` (every setting, the checkpoint's identity, tool versions, counts,
+seed) and ``result.md`` (our numbers beside the paper's), written side by side in the output directory."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# The paper's numbers (Koh et al. 2023), with where each was checked; see docs/evaluation.md.
+# "third-party": restated by another paper or README; "unverified": not yet checked against the PDF.
+PAPER = {
+    "vist": {  # Table 1, GILL rows: CLIP image-image similarity (higher better), LPIPS (lower better)
+        "caption": {"clip_similarity": 0.581, "lpips": 0.702, "source": "unverified"},
+        "captions": {"clip_similarity": 0.612, "lpips": 0.696, "source": "unverified"},
+        "captions-images": {"clip_similarity": 0.641, "lpips": 0.693,
+                            "source": "CLIP similarity third-party (MGCC, arXiv 2405.18304); LPIPS unverified"},
+    },
+    "vist_retrieval": {  # Table 5, 5 captions + 4 images, recall@k in percent
+        "captions-images": {"r@1": 20.3, "r@5": 45.0, "r@10": 53.7,
+                            "source": "third-party (reprint of the paper's Table 5)"},
+    },
+}
+
+_PACKAGES = ("torch", "torchvision", "transformers", "diffusers", "lpips", "numpy", "pillow", "gill")
+
+
+def versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found: dict[str, str | None] = {"python": platform.python_version()}
+    for package in _PACKAGES:
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def checkpoint_identity(directory: str | Path) -> dict[str, Any]:
+    """The checkpoint's path and fingerprint: the sha256 of its ``SHA256SUMS`` (one value that changes when any
+    file changes) and of the adapters file as listed there."""
+    from gill.integrity import CHECKSUMS_FILE, read_checksums
+
+    directory = Path(directory)
+    sums = read_checksums(directory)
+    identity: dict[str, Any] = {"path": str(directory.resolve()), "sha256sums_sha256": None, "adapters_sha256": None}
+    if sums is not None:
+        identity["sha256sums_sha256"] = hashlib.sha256((directory / CHECKSUMS_FILE).read_bytes()).hexdigest()
+        identity["adapters_sha256"] = sums.get("gill_adapters.safetensors")
+        identity["files"] = len(sums)
+    return identity
+
+
+def summary(values: list[float]) -> dict[str, float | int | None]:
+    """Mean, standard deviation and standard error of per-example values (None when empty)."""
+    if not values:
+        return {"mean": None, "std": None, "sem": None, "n": 0}
+    array = np.asarray(values, dtype=np.float64)
+    std = float(array.std(ddof=1)) if len(array) > 1 else 0.0
+    return {"mean": float(array.mean()), "std": std, "sem": std / np.sqrt(len(array)), "n": len(array)}
+
+
+def started() -> dict[str, Any]:
+    return {"started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv)}
+
+
+def write(out: str | Path, result: dict[str, Any], markdown: str) -> tuple[Path, Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, markdown_path = out / "result.json", out / "result.md"
+    json_path.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    markdown_path.write_text(markdown)
+    return json_path, markdown_path
+
+
+def _number(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def vist_markdown(result: dict[str, Any]) -> str:
+    """The VIST generation table: ours beside the paper's GILL row, per context setting."""
+    from gill.evaluation.vist import CONTEXTS
+
+    lines = [f"# VIST contextual image generation ({result['dataset']['path']})", "",
+             f"Checkpoint `{result['checkpoint']['path']}` (SHA256SUMS sha256 "
+             f"`{str(result['checkpoint']['sha256sums_sha256'])[:16]}`), seed {result['settings']['seed']}, "
+             f"{result['settings']['num_inference_steps']} {result['settings']['scheduler']} steps, guidance "
+             f"{result['settings']['guidance_scale']}.", "",
+             "| context | CLIP similarity (ours) | paper | LPIPS (ours) | paper | stories scored |",
+             "|---|---|---|---|---|---|"]
+    for context, row in result["results"].items():
+        paper = PAPER["vist"].get(context, {})
+        lpips_mean = row["lpips"]["mean"] if row.get("lpips") else None
+        lines.append(f"| {CONTEXTS[context]} | {_number(row['clip_similarity']['mean'])} | "
+                     f"{_number(paper.get('clip_similarity'))} | {_number(lpips_mean)} | {_number(paper.get('lpips'))} "
+                     f"| {row['scored']} |")
+    counts = result["counts"]
+    lines += ["", f"Stories: {counts['stories']} in the split, {counts['evaluated']} evaluated, "
+                  f"{counts['skipped_missing_images']} skipped for missing or unreadable images "
+                  f"({counts['images_missing']} missing, {counts['images_unreadable']} unreadable)."]
+    notes = result.get("notes") or []
+    lines += [""] + [f"- {note}" for note in notes] if notes else []
+    lines += ["", "Paper numbers: " + "; ".join(f"{CONTEXTS[c]}: {p['source']}" for c, p in PAPER["vist"].items()), ""]
+    return "\n".join(lines)
+
+
+def retrieval_markdown(result: dict[str, Any]) -> str:
+    from gill.evaluation.vist import CONTEXTS
+
+    lines = [f"# VIST contextual image retrieval ({result['dataset']['path']})", "",
+             f"Checkpoint `{result['checkpoint']['path']}`; {result['counts']['candidates']} candidate images.", "",
+             "| context | R@1 (ours) | paper | R@5 (ours) | paper | R@10 (ours) | paper | stories |",
+             "|---|---|---|---|---|---|---|---|"]
+    for context, row in result["results"].items():
+        paper = PAPER["vist_retrieval"].get(context, {})
+        cells = []
+        for k in (1, 5, 10):
+            cells += [_number(row["recall"].get(f"r@{k}"), 1), _number(paper.get(f"r@{k}"), 1)]
+        lines.append(f"| {CONTEXTS[context]} | " + " | ".join(cells) + f" | {row['queries']} |")
+    counts = result["counts"]
+    lines += ["", "Recall in percent. " f"Stories: {counts['stories']} in the split, {counts['evaluated']} evaluated, "
+                  f"{counts['skipped_missing_images']} skipped for missing or unreadable images.", ""]
+    return "\n".join(lines)
