@@ -21,9 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from gill.errors import InputError
 from gill.evaluation.datasets import ImageFolder, VistSplit, squash
-from gill.evaluation.vist import CONTEXTS, story_parts, usable_stories
+from gill.evaluation.vist import check_selection, story_parts, usable_stories
 from gill.options import GenerationOptions
 
 KS = (1, 5, 10)
@@ -37,11 +36,7 @@ class RetrievalSettings:
     batch_size: int = 32  # candidate photos embedded per forward
 
     def __post_init__(self) -> None:
-        unknown = [c for c in self.contexts if c not in CONTEXTS]
-        if unknown or not self.contexts:
-            raise InputError(f"contexts {list(self.contexts)}: choose one or more of {list(CONTEXTS)}")
-        if self.max_stories is not None and self.max_stories < 1:
-            raise InputError(f"max_stories={self.max_stories}: give at least 1, or None for all")
+        check_selection(self.contexts, self.max_stories)
 
 
 # Only the [IMG0..7] states are needed: no diffusion, no corpus search.

@@ -31,6 +31,15 @@ from gill.options import GenerationOptions
 
 CONTEXTS = {"captions-images": "5 captions + 4 images", "captions": "5 captions", "caption": "1 caption"}
 
+
+def check_selection(contexts: tuple[str, ...], max_stories: int | None) -> None:
+    """Raise :class:`InputError` unless ``contexts`` names known context settings and ``max_stories`` is >= 1."""
+    unknown = [c for c in contexts if c not in CONTEXTS]
+    if unknown or not contexts:
+        raise InputError(f"contexts {list(contexts)}: choose one or more of {list(CONTEXTS)}")
+    if max_stories is not None and max_stories < 1:
+        raise InputError(f"max_stories={max_stories}: give at least 1, or None for all")
+
 # parts, options -> the generated image or None (no image came back)
 Generate = Callable[[list[str | Image.Image], GenerationOptions], Image.Image | None]
 
@@ -48,11 +57,7 @@ class VistSettings:
     max_stories: int | None = None  # the first N stories (of those with all five photos); None: all
 
     def __post_init__(self) -> None:
-        unknown = [c for c in self.contexts if c not in CONTEXTS]
-        if unknown or not self.contexts:
-            raise InputError(f"contexts {list(self.contexts)}: choose one or more of {list(CONTEXTS)}")
-        if self.max_stories is not None and self.max_stories < 1:
-            raise InputError(f"max_stories={self.max_stories}: give at least 1, or None for all")
+        check_selection(self.contexts, self.max_stories)
         self.options()  # validates the generation options now
 
     def options(self) -> GenerationOptions:
