@@ -127,7 +127,7 @@ class DecodeBatch:
         self.decoder = decoder
         embedding = decoder.lm.get_input_embeddings()
         self.device, self.dtype = embedding.weight.device, embedding.weight.dtype
-        self.img_ids = torch.tensor(decoder.tokens.img, device=self.device)
+        self.img_ids = torch.tensor(decoder.tokens.img)  # on the host: each step's ids are built there
         self.rows: list[Row] = []
         self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)
         self.cache: DynamicCache | None = None
@@ -205,7 +205,7 @@ class DecodeBatch:
         chunk_mask = torch.zeros(len(self.rows), chunk, dtype=torch.long)
         for index, row in enumerate(self.rows):
             if row.image_pending:
-                ids[index], chunk_mask[index] = torch.tensor(self.decoder.tokens.img), 1
+                ids[index], chunk_mask[index] = self.img_ids, 1
             else:
                 ids[index, 0], chunk_mask[index, 0] = row.token, 1
         last = torch.tensor([chunk - 1 if image else 0 for image in image_rows])
