@@ -144,12 +144,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="turns per stream at each level")
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--checkpoint", help="a checkpoint directory (default: the small preset)")
+    parser.add_argument("--max-batch", default="8", help="the llm model's max_batch (its config's default is 1)")
     parser.add_argument("--write", action="store_true", help="record the result in docs/benchmarks.md")
     args = parser.parse_args()
 
     options = ChatOptions(max_new_tokens=args.new_tokens, temperature=0.0, max_images=0)
     checkpoint = args.checkpoint or small_checkpoint()
-    server = TritonServer(checkpoint)
+    server = TritonServer(checkpoint, parameters={"llm": {"max_batch": args.max_batch}})
     rows = []
     try:
         print("starting tritonserver (all models)", flush=True)

@@ -50,7 +50,8 @@ class TritonPythonModel:
                 except json.JSONDecodeError as error:
                     raise InputError(f"OPTIONS is not valid JSON: {error}") from error
                 flag = self.cancels.register(request.request_id())
-                turn = Turn(sender, self.interval, self.tokens_total, lambda r=request: self.cancels.release(r))
+                turn = Turn(sender, self.interval, self.tokens_total,
+                            lambda rid=request.request_id(): self.cancels.release(rid))
                 self.engine.submit(prompt, options, turn.emit, backend.checker(request, flag))
             except Exception as error:  # noqa: BLE001 - bad input ends this request only
                 self.cancels.release(request.request_id())
