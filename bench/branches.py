@@ -22,7 +22,6 @@ import argparse
 import dataclasses
 import os
 import platform
-import shutil
 import statistics
 import sys
 import time
@@ -135,8 +134,7 @@ def run_served(args: argparse.Namespace, checkpoint: Path) -> tuple[dict[str, li
                 turn(kind)
             turns = interleave(turn, kinds, args.repeats, "served")
     finally:
-        server.stop()
-        shutil.rmtree(server.work_dir, ignore_errors=True)
+        server.close()
     # The gill model runs one branch per image: "both" is the generate turn plus the retrieve turn's retrieval.
     turns["both"] = [Turn(gen.wall_s + stage(ret, "retrieval_s"), EXPECTED["both"],
                           {**gen.timings, "retrieval_s": stage(ret, "retrieval_s")})

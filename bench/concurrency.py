@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import shutil
 import statistics
 import sys
 import threading
@@ -173,8 +172,7 @@ def main() -> None:
                   f"({together.rate / alone.rate:.2f}x), mean batch {mean_batch:.2f}", flush=True)
         client.close()
     finally:
-        server.stop()
-        shutil.rmtree(server.work_dir, ignore_errors=True)
+        server.close()
 
     machine = (f"CPU fp32, {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
                f"Triton {version}")

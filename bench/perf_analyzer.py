@@ -265,8 +265,7 @@ def main() -> None:
         load_after = os.getloadavg()
     finally:
         if server is not None:
-            server.stop()
-            shutil.rmtree(server.work_dir, ignore_errors=True)
+            server.close()
 
     if args.csv:
         with open(args.csv, "w") as out:

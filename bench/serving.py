@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import shutil
 import statistics
 import sys
 import time
@@ -140,8 +139,7 @@ def main() -> None:
                   f"in-process {local[-1].wall_s:.2f} s", flush=True)
         client.close()
     finally:
-        server.stop()
-        shutil.rmtree(server.work_dir, ignore_errors=True)
+        server.close()
 
     reference = local[0]
     for turn in [local_warm, served_warm, *served, *local]:

@@ -347,6 +347,10 @@ class TritonServer:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the server and remove the work folder it made (one it was given stays)."""
         self.stop()
         if self._own_dir:
             shutil.rmtree(self.work_dir, ignore_errors=True)
