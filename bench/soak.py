@@ -23,9 +23,16 @@ from dataclasses import dataclass, field
 import psutil
 
 from gill_client import ChatOptions, GillClient, ImageEvent
+from gill_client.errors import Internal, Unavailable
 
 MB = 1024 * 1024
 TURNS_PER_CONVERSATION = 4
+# A turn lost because a model's stub process died comes back UNAVAILABLE ("retry it"), or INTERNAL "Stub process
+# ... is not healthy" when it is the dialogue model's own stub; the watchdog reloads the model within about 30 s.
+# Triton 2.51's Python backend touches Python objects without the GIL on some paths (docs/reliability.md), so
+# under heavy concurrency a stub can die. The soak retries such a turn as a client should, counts it as lost and
+# retried, and fails only a turn that does not come back within RETRY_WITHIN_S.
+RETRY_WITHIN_S = 90.0
 
 
 @dataclass
@@ -35,6 +42,7 @@ class SoakReport:
     turns: int = 0
     images: int = 0
     failures: list[str] = field(default_factory=list)
+    retried: list[str] = field(default_factory=list)  # turns lost to a dead stub, then answered on a retry
     rss_before: int = 0  # bytes, after the warm-up round
     rss_after: int = 0
     processes: int = 0
@@ -46,9 +54,11 @@ class SoakReport:
 
     def table(self) -> str:
         return "\n".join([
-            "| clients | seconds | turns | images | failed turns | server RSS before | after | growth |",
-            "|---|---|---|---|---|---|---|---|",
+            "| clients | seconds | turns | images | failed turns | lost, then retried | server RSS before | after | "
+            "growth |",
+            "|---|---|---|---|---|---|---|---|---|",
             f"| {self.clients} | {self.seconds:.0f} | {self.turns} | {self.images} | {len(self.failures)} | "
+            f"{len(self.retried)} | "
             f"{self.rss_before / MB:.0f} MiB | {self.rss_after / MB:.0f} MiB | {self.growth:+.1%} |",
         ])
 
@@ -87,7 +97,7 @@ def _client_loop(client: GillClient, index: int, stop: threading.Event, report: 
         parts: list = [text] if last_image is None or "picture" not in text else [last_image, text]
         options = dataclasses.replace(options, seed=index * 100_000 + turn)
         try:
-            reply = conversation.ask(*parts, options=options)
+            reply = _ask(conversation, parts, options, index, turn, report, lock)
             images = len(reply.images)
             if reply.images:
                 last_image = reply.images[-1]
@@ -98,6 +108,26 @@ def _client_loop(client: GillClient, index: int, stop: threading.Event, report: 
             with lock:
                 report.failures.append(f"client {index} turn {turn}: {type(error).__name__}: {error}")
         turn += 1
+
+
+def _stub_died(error: Exception) -> bool:
+    return isinstance(error, Unavailable) or (isinstance(error, Internal) and "is not healthy" in str(error))
+
+
+def _ask(conversation, parts: list, options: ChatOptions, index: int, turn: int, report: SoakReport,
+         lock: threading.Lock):
+    """One turn; a turn lost to a dead stub is asked again until RETRY_WITHIN_S has passed."""
+    deadline = time.monotonic() + RETRY_WITHIN_S
+    while True:
+        try:
+            return conversation.ask(*parts, options=options)
+        except Exception as error:
+            if not _stub_died(error) or time.monotonic() > deadline:
+                raise
+            with lock:
+                if not report.retried or not report.retried[-1].startswith(f"client {index} turn {turn}:"):
+                    report.retried.append(f"client {index} turn {turn}: {type(error).__name__}: {error}")
+            time.sleep(1.0)
 
 
 def run_soak(url: str, server_pid: int, clients: int, seconds: float, api_key: str | None = None) -> SoakReport:

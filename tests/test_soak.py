@@ -17,7 +17,11 @@ SECONDS = float(os.environ.get("GILL_SOAK_SECONDS", "20"))  # CI's short form; b
 def test_concurrent_dialogues_for_a_while_fail_no_turn_and_hold_memory(server):
     report = soak.run_soak(server.endpoints.grpc, server.process.pid, clients=4, seconds=SECONDS, api_key=API_KEY)
     print(report.table())
-    assert report.failures == []
+    kinds = sorted({failure.split(": ", 1)[1][:160] for failure in report.failures})
+    assert report.failures == [], (len(report.failures), kinds[:5])
+    # A stub death (a Triton 2.51 Python-backend race, docs/reliability.md) loses the turns in flight; the client
+    # retries them. Rare: at most one in a hundred turns.
+    assert len(report.retried) <= max(1, report.turns // 100), report.retried
     assert report.turns >= 8 and report.images >= 1, report
     assert report.processes >= 8  # tritonserver and a stub per Python model
     # Bounded: a short run on a warmed-up server must not grow its memory by more than a quarter.
