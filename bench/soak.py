@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import psutil
 
 from gill_client import ChatOptions, GillClient, ImageEvent
-from gill_client.errors import Internal, Unavailable
+from gill_client.errors import Internal, NotFound, Unavailable
 
 MB = 1024 * 1024
 TURNS_PER_CONVERSATION = 4
@@ -110,8 +110,13 @@ def _client_loop(client: GillClient, index: int, stop: threading.Event, report: 
         turn += 1
 
 
+# While the watchdog reloads the dialogue model, Triton answers that it is unknown or not ready.
+_RELOADING = ("is not healthy", "unknown model", "is not found", "is not ready")
+
+
 def _stub_died(error: Exception) -> bool:
-    return isinstance(error, Unavailable) or (isinstance(error, Internal) and "is not healthy" in str(error))
+    return isinstance(error, Unavailable) or (isinstance(error, (Internal, NotFound))
+                                              and any(marker in str(error) for marker in _RELOADING))
 
 
 def _ask(conversation, parts: list, options: ChatOptions, index: int, turn: int, report: SoakReport,
