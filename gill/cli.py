@@ -461,6 +461,218 @@ def eval_retrieval(
     print(f"wrote {json_path} and {markdown_path}")
 
 
+# ---------------------------------------------------------------------------------------------------- training
+
+
+def _log_training(rank: int) -> None:
+    """The training modules' progress messages to stderr, each tagged with the process's rank under torchrun."""
+    import logging
+    import sys
+
+    class CurrentStderr(logging.StreamHandler):
+        """Writes to sys.stderr as it is at each message (test runners swap it)."""
+
+        gill_cli = True
+
+        @property
+        def stream(self):
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, value) -> None:
+            pass
+
+    training = logging.getLogger("gill.training")
+    for old in [h for h in training.handlers if getattr(h, "gill_cli", False)]:
+        training.removeHandler(old)  # a second command in one process (tests) must not print twice
+    handler = CurrentStderr()
+    handler.setFormatter(logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s"))
+    training.addHandler(handler)
+    training.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
+@app.command("train")
+def train_command(
+    checkpoint: Annotated[Path, typer.Option(help="base checkpoint directory: model_args.json and the frozen LM, "
+                                                  "CLIP and SD it names; it must stay in place (exports refer "
+                                                  "to it)")],
+    train_data: Annotated[str, typer.Option(help="training pairs: a CC3M-format TSV (caption, image) or webdataset "
+                                                 "shards as a brace pattern, e.g. 'shards/train-{000000..000099}"
+                                                 ".tar'")],
+    out_dir: Annotated[Path, typer.Option(help="train_state.pt, metrics.csv, tensorboard/, export/ and best/ go "
+                                               "here")],
+    val_data: Annotated[str | None, typer.Option(help="validation pairs (TSV or shards); without them there is no "
+                                                      "validation and no best/")] = None,
+    image_dir: Annotated[Path | None, typer.Option(help="folder the train TSV's image paths are relative to "
+                                                        "(default: the TSV's folder)")] = None,
+    val_image_dir: Annotated[Path | None, typer.Option(help="the same for the validation TSV (default: "
+                                                            "--image-dir, else the TSV's folder)")] = None,
+    targets_dir: Annotated[Path | None, typer.Option(help="SD targets from `gill preprocess-sd-targets`; without "
+                                                          "them the generation loss is off")] = None,
+    val_targets_dir: Annotated[Path | None, typer.Option(help="validation SD targets (default: --targets-dir)")]
+    = None,
+    steps: Annotated[int, typer.Option(help="optimiser steps (the reference: 10 epochs x 2000)")] = 20_000,
+    batch_size: Annotated[int, typer.Option(help="pairs per step over all processes and micro-batches")] = 200,
+    grad_accumulation: Annotated[int, typer.Option(help="micro-batches per step")] = 1,
+    lr: float = 1e-3,
+    beta1: float = 0.9,
+    beta2: float = 0.95,
+    weight_decay: float = 0.01,
+    warmup_steps: int = 2000,
+    lr_step_size: Annotated[int, typer.Option(help="steps between x lr-gamma decays, counted after warm-up")]
+    = 10_000,
+    lr_gamma: float = 0.1,
+    grad_clip: Annotated[float, typer.Option(help="maximum total gradient norm")] = 1.0,
+    max_len: Annotated[int, typer.Option(help="tokens per caption, BOS and the 8 [IMG] tokens included")] = 32,
+    concat_captions_prob: Annotated[float, typer.Option(help="chance a batch's captioning view pairs two "
+                                                             "captions per sequence")] = 0.5,
+    cap_loss_scale: float = 1.0,
+    ret_loss_scale: float = 1.0,
+    gen_loss_scale: float = 1.0,
+    precision: Annotated[str, typer.Option(help="auto (bf16 on a GPU that has it, else fp32), fp32 or bf16: "
+                                                "the frozen models' dtype; adapters stay fp32")] = "auto",
+    gradient_checkpointing: Annotated[bool, typer.Option(help="recompute the LM's activations in the backward "
+                                                               "pass (less memory, more compute)")] = False,
+    num_workers: Annotated[int, typer.Option(help="data loader workers per process")] = 4,
+    seed: int = 0,
+    log_every: Annotated[int, typer.Option(help="steps per metrics.csv / TensorBoard row")] = 10,
+    val_every: Annotated[int, typer.Option(help="steps between validations and exports")] = 2000,
+    save_every: Annotated[int, typer.Option(help="steps between train_state.pt saves")] = 1000,
+    val_max_samples: Annotated[int | None, typer.Option(help="validate on the first N pairs only (default: "
+                                                             "all)")] = None,
+    val_batch_size: Annotated[int | None, typer.Option(help="validation pairs per forward (default: the "
+                                                            "per-process micro-batch)")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: CUDA when present, the "
+                                                    "LOCAL_RANK GPU under torchrun)")] = None,
+    fresh_adapters: Annotated[bool, typer.Option("--fresh-adapters/--finetune-adapters",
+                                                 help="start from random adapters (a new model) or from the "
+                                                      "checkpoint's")] = True,
+    resume: Annotated[bool, typer.Option(help="continue OUT_DIR's train_state.pt exactly (start afresh when "
+                                              "there is none)")] = False,
+    shuffle_buffer: Annotated[int, typer.Option(help="shards only: per-worker sample shuffle buffer")] = 0,
+    tensorboard: Annotated[bool, typer.Option(help="also log to OUT_DIR/tensorboard")] = True,
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+) -> None:
+    """Train GILL's adapters on caption-image pairs; multi-GPU with torchrun --nproc-per-node N -m gill.cli train."""
+    import json
+    import os
+
+    from gill.training.trainer import TrainConfig, train
+
+    rank = int(os.environ.get("RANK", "0"))
+    _log_training(rank)
+    text = {name: None if value is None else str(value) for name, value in
+            dict(checkpoint=checkpoint, out_dir=out_dir, image_dir=image_dir, val_image_dir=val_image_dir,
+                 targets_dir=targets_dir, val_targets_dir=val_targets_dir).items()}
+    try:
+        config = TrainConfig(
+            train_data=train_data, val_data=val_data, steps=steps, batch_size=batch_size,
+            grad_accumulation=grad_accumulation, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
+            warmup_steps=warmup_steps, lr_step_size=lr_step_size, lr_gamma=lr_gamma, grad_clip=grad_clip,
+            max_len=max_len, concat_captions_prob=concat_captions_prob, cap_loss_scale=cap_loss_scale,
+            ret_loss_scale=ret_loss_scale, gen_loss_scale=gen_loss_scale, precision=precision,
+            gradient_checkpointing=gradient_checkpointing, num_workers=num_workers, seed=seed,
+            log_every=log_every, val_every=val_every, save_every=save_every, val_max_samples=val_max_samples,
+            val_batch_size=val_batch_size, device=device, fresh_adapters=fresh_adapters, resume=resume,
+            shuffle_buffer=shuffle_buffer, tensorboard=tensorboard, progress=not quiet, **text)
+        result = train(config)
+    except (GillError, OSError) as error:
+        _fail(error)
+    if rank == 0:
+        print(json.dumps(result.as_dict(), indent=2))
+        console.print(f"trained to step {result.steps}; serving checkpoint: {result.export_dir}"
+                      + (f", best (step {result.best_step}): {result.best_dir}" if result.best_dir else ""))
+
+
+@app.command("train-decision")
+def train_decision_command(
+    checkpoint: Annotated[Path, typer.Argument(help="checkpoint whose LM gives the [IMG0] features (e.g. a "
+                                                    "training run's export/)")],
+    annotations: Annotated[Path, typer.Argument(help="PartiPrompts decision TSV: Prompt + Decisions (raw votes) "
+                                                     "or Prompt + Decision (confident labels)")],
+    output: Annotated[Path | None, typer.Option(help="write decision_model.safetensors here (default: into "
+                                                     "CHECKPOINT)")] = None,
+    steps: Annotated[int, typer.Option(help="full-batch AdamW steps")] = 2000,
+    train_size: Annotated[int, typer.Option(help="the first N gen/ret rows train, the rest validate")] = 600,
+    learning_rate: float = 1e-3,
+    weight_decay: float = 0.0,
+    seed: int = 1337,
+    batch_size: Annotated[int, typer.Option(help="prompts per LM forward while extracting features")] = 32,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda ... (default: cuda if present)")] = None,
+    write: Annotated[bool, typer.Option(help="write the head (--no-write: only report the metrics)")] = True,
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+) -> None:
+    """Train the retrieve-or-generate head on annotated prompts; print its metrics as a table and JSON."""
+    import json
+
+    from gill.training.decision import DecisionTrainingConfig, train_decision
+
+    try:
+        config = DecisionTrainingConfig(train_size=train_size, steps=steps, learning_rate=learning_rate,
+                                        weight_decay=weight_decay, seed=seed, batch_size=batch_size)
+        result = train_decision(checkpoint, annotations, config, output=output, write=write, device=device,
+                                progress=not quiet)
+    except (GillError, OSError) as error:
+        _fail(error)
+    table = Table(title="decision head (0 = gen, 1 = ret)")
+    for column in ("split", "macro-F1", "accuracy", "gen", "ret"):
+        table.add_column(column, justify="left" if column == "split" else "right")
+    counts = result.class_counts
+    for name, metrics, split in (("train", result.train, "train"), ("validation", result.validation, "validation"),
+                                 (f"always {result.majority} (baseline)", result.baseline, "validation")):
+        table.add_row(name, f"{metrics.macro_f1:.3f}", f"{metrics.accuracy:.3f}", str(counts[split]["gen"]),
+                      str(counts[split]["ret"]))
+    Console(stderr=True).print(table)
+    print(json.dumps(result.as_dict(), indent=2))
+
+
+@app.command("preprocess-sd-targets")
+def preprocess_sd_targets_command(
+    data: Annotated[str, typer.Argument(help="a CC3M-format TSV or webdataset shards (brace pattern): only the "
+                                             "captions are read")],
+    checkpoint: Annotated[Path, typer.Option(help="checkpoint whose SD text encoder makes the targets")],
+    out: Annotated[Path, typer.Option(help="folder of the .npy targets (give it to gill train --targets-dir)")],
+    batch_size: Annotated[int, typer.Option(help="captions per text-encoder forward")] = 64,
+    device: Annotated[str, typer.Option(help="cpu, cuda ...")] = "cpu",
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+) -> None:
+    """Precompute the generation loss's targets: SD's text-encoder states of every caption (resumable)."""
+    from gill.training.sd_targets import preprocess_sd_targets
+
+    try:
+        counts = preprocess_sd_targets(data, checkpoint, out, batch_size=batch_size, device=device,
+                                       progress=not quiet)
+    except (GillError, OSError) as error:
+        _fail(error)
+    print(f"wrote {counts.written:,} targets to {out}; {counts.skipped_existing:,} already complete, "
+          f"{counts.failed:,} captions failed")
+
+
+@app.command("make-shapes-data")
+def make_shapes_data(
+    out: Annotated[Path, typer.Argument(help="folder for train.tsv, val.tsv, images/ (and shards/)")],
+    train: Annotated[int, typer.Option(help="training pairs")] = 512,
+    val: Annotated[int, typer.Option(help="validation pairs")] = 64,
+    image_size: Annotated[int, typer.Option(help="image side in pixels (the small preset's CLIP takes 224)")] = 32,
+    seed: Annotated[int, typer.Option(help="the same seed writes the same bytes")] = 0,
+    shards: Annotated[bool, typer.Option(help="also write webdataset shards")] = False,
+    samples_per_shard: int = 100,
+) -> None:
+    """Write a synthetic caption-image dataset (coloured shapes) in the training data layouts, offline."""
+    from gill.training.shapes import make_shapes_dataset
+
+    try:
+        dataset = make_shapes_dataset(out, train, val, image_size=image_size, seed=seed, shards=shards,
+                                      samples_per_shard=samples_per_shard)
+    except (GillError, OSError) as error:
+        _fail(error)
+    print(f"wrote {dataset.train_tsv} ({train} pairs) and {dataset.val_tsv} ({val} pairs), images in "
+          f"{dataset.image_dir / 'images'}")
+    for split, written in (("train", dataset.train_shards), ("val", dataset.val_shards)):
+        if written:
+            print(f"{split} shards: {dataset.shard_pattern(split)}")
+
+
 def _log_watchdog() -> None:
     """The stub watchdog's reloads (gill/serving/watchdog.py) go to the terminal with a time stamp."""
     import logging
