@@ -371,10 +371,10 @@ def _eval_inputs(sis: Path, images: Path | None, checkpoint: Path, device: str |
     return split, folder, pipeline
 
 
-def _eval_header(name: str, sis: Path, checkpoint: Path, device: str | None) -> dict:
+def _eval_header(name: str, data: Path, checkpoint: Path, device: str | None, dataset: str = "VIST SIS") -> dict:
     from gill.evaluation.report import checkpoint_identity, started, versions
 
-    return {"eval": name, "dataset": {"name": "VIST SIS", "path": str(sis.resolve())},
+    return {"eval": name, "dataset": {"name": dataset, "path": str(data.resolve())},
             "checkpoint": checkpoint_identity(checkpoint), "versions": versions(), "device": device or "auto",
             **started()}
 
@@ -457,6 +457,38 @@ def eval_retrieval(
         _fail(error)
     result = header | body
     json_path, markdown_path = report.write(out, result, report.retrieval_markdown(result))
+    print(markdown_path.read_text())
+    print(f"wrote {json_path} and {markdown_path}")
+
+
+@eval_app.command("decision")
+def eval_decision(
+    checkpoint: Annotated[Path, typer.Argument(help="GILL checkpoint directory with a decision head "
+                                                    "(decision_model.safetensors)")],
+    annotations: Annotated[Path, typer.Argument(help="PartiPrompts decision TSV: Prompt + Decisions (raw votes) "
+                                                     "or Prompt + Decision (confident labels)")],
+    split: Annotated[str, typer.Option(help="validation (the confident rows after the first --train-size, the "
+                                            "reference's) or all (every confident row)")] = "validation",
+    train_size: Annotated[int, typer.Option(help="the first N gen/ret rows are the training split")] = 600,
+    out: Annotated[Path, typer.Option(help="result.json and result.md go here")] = Path("outputs/eval/decision"),
+    batch_size: Annotated[int, typer.Option(help="prompts per LM forward while extracting features")] = 32,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda ... (default: cuda if present)")] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+) -> None:
+    """Retrieve-or-generate decision: macro-F1 of the checkpoint's head on PartiPrompts labels (no training)."""
+    from gill.evaluation import report
+    from gill.evaluation.decision import DecisionEvalSettings, evaluate_decision, load_model
+
+    try:
+        settings = DecisionEvalSettings(split=split, train_size=train_size, batch_size=batch_size)
+        header = _eval_header("decision", annotations, checkpoint, device, dataset="PartiPrompts decisions")
+        with console.status(f"loading {checkpoint}"):
+            model = load_model(checkpoint, device)
+        body = evaluate_decision(model, annotations, settings, progress=not quiet)
+    except (GillError, OSError) as error:
+        _fail(error)
+    result = header | body
+    json_path, markdown_path = report.write(out, result, report.decision_markdown(result))
     print(markdown_path.read_text())
     print(f"wrote {json_path} and {markdown_path}")
 

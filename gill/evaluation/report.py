@@ -26,6 +26,11 @@ PAPER = {
         "captions-images": {"r@1": 20.3, "r@5": 45.0, "r@10": 53.7,
                             "source": "third-party (reprint of the paper's Table 5)"},
     },
+    "decision": {  # not a table of the paper: the reference's notebook, validation split (600 train / 311 val)
+        "validation_macro_f1": 0.54, "human_macro_f1": 0.851,
+        "source": "the reference's TrainDecisionClassifier.ipynb (kohjingyu/gill): validation macro-F1 'about 0.54' "
+                  "of its head, against a human-agreement line of 0.851; read from the code, not a rerun",
+    },
 }
 
 _PACKAGES = ("torch", "torchvision", "transformers", "diffusers", "lpips", "numpy", "pillow", "gill")
@@ -127,4 +132,30 @@ def retrieval_markdown(result: dict[str, Any]) -> str:
     counts = result["counts"]
     lines += ["", "Recall in percent. " f"Stories: {counts['stories']} in the split, {counts['evaluated']} evaluated, "
                   f"{counts['skipped_missing_images']} skipped for missing or unreadable images.", ""]
+    return "\n".join(lines)
+
+
+def decision_markdown(result: dict[str, Any]) -> str:
+    """The decision head's macro-F1 beside the majority-class baseline and the reference notebook's numbers."""
+    settings, counts, results = result["settings"], result["counts"], result["results"]
+    paper = PAPER["decision"]
+    split = (f"validation split (confident rows after the first {settings['train_size']})"
+             if settings["split"] == "validation" else "all confident rows")
+    on_reference_split = settings["split"] == "validation" and settings["train_size"] == 600
+    reference = _number(paper["validation_macro_f1"], 2) if on_reference_split else "n/a (other split)"
+    head, baseline = results["head"], results["baseline"]
+    lines = [f"# Retrieve-or-generate decision ({result['dataset']['path']})", "",
+             f"Checkpoint `{result['checkpoint']['path']}` (SHA256SUMS sha256 "
+             f"`{str(result['checkpoint']['sha256sums_sha256'])[:16]}`, decision head sha256 "
+             f"`{str(result['decision_head'].get('sha256'))[:16]}`), {split}.", "",
+             "| | macro-F1 | accuracy |", "|---|---|---|",
+             f"| this checkpoint's head | {_number(head['macro_f1'])} | {_number(head['accuracy'])} |",
+             f"| always {results['majority']} (baseline) | {_number(baseline['macro_f1'])} | "
+             f"{_number(baseline['accuracy'])} |",
+             f"| reference notebook's head | {reference} | n/a |",
+             f"| human agreement (reference notebook) | {_number(paper['human_macro_f1'])} | n/a |", "",
+             f"Rows: {counts['annotated']} annotated, {counts['dropped_same']} 'same' dropped, {counts['evaluated']} "
+             f"scored (labels gen {counts['labels']['gen']} / ret {counts['labels']['ret']}; predicted gen "
+             f"{counts['predicted']['gen']} / ret {counts['predicted']['ret']}).", "",
+             f"Reference numbers: {paper['source']}.", ""]
     return "\n".join(lines)

@@ -283,9 +283,16 @@ def extract_features(model: GILL, prompts: Sequence[str], batch_size: int = 32, 
     return features
 
 
-def _labels(annotations: Sequence[Annotation]) -> torch.Tensor:
+def class_indices(annotations: Sequence[Annotation]) -> torch.Tensor:
     """``[N]`` int64 class indices (0 = ``gen``, 1 = ``ret``) of gen/ret rows."""
     return torch.tensor([DECISION_CLASSES.index(a.label) for a in annotations], dtype=torch.long)
+
+
+def majority_class(annotations: Sequence[Annotation]) -> str:
+    """The more frequent of ``gen`` and ``ret`` among ``annotations``; ties go to ``gen``, the class the
+    reference's data has most of and the one served without a head."""
+    counts = Counter(a.label for a in annotations)
+    return max(DECISION_CLASSES, key=lambda label: counts[label])
 
 
 def fit_decision_head(features: torch.Tensor, labels: torch.Tensor,
@@ -383,14 +390,13 @@ def train_decision(checkpoint: str | Path, annotations: str | Path,
     prompts = [a.prompt for a in train_rows + validation_rows]
     features = extract_features(model, prompts, config.batch_size, progress)
     train_features, validation_features = features[:len(train_rows)], features[len(train_rows):].cpu()
-    train_labels, validation_labels = _labels(train_rows), _labels(validation_rows)
+    train_labels, validation_labels = class_indices(train_rows), class_indices(validation_rows)
     del model  # the LM is no longer needed; free its memory before training
 
     head, final_loss = fit_decision_head(train_features, train_labels.to(train_features.device), config)
     counts = {name: {label: sum(a.label == label for a in split) for label in DECISION_CLASSES}
               for name, split in (("train", train_rows), ("validation", validation_rows))}
-    # Ties go to gen, the class the reference's data has most of and the one served without a head.
-    majority = max(DECISION_CLASSES, key=lambda label: counts["train"][label])
+    majority = majority_class(train_rows)
     baseline = torch.full_like(validation_labels, DECISION_CLASSES.index(majority))
     head = head.cpu()
     result = DecisionTrainingResult(
