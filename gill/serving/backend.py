@@ -18,13 +18,9 @@ import torch.utils.dlpack
 import triton_python_backend_utils as pb_utils
 
 from gill.errors import GillError, InputError
-from gill.serving import packing
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 INPUT_ERROR_PREFIX = "InputError: "
-# The output (TYPE_BF16 in every config a BLS caller reads) and the request parameter of gill.serving.packing.
-PACKED = "PACKED"
-PACKED_PARAMETER = "gill_packed"
 
 
 def parameters(args: dict) -> dict[str, str]:
@@ -103,55 +99,6 @@ def tensor(name: str, array: np.ndarray | torch.Tensor) -> Any:
 def bytes_tensor(name: str, values: list[bytes], shape: tuple[int, ...] | None = None) -> Any:
     array = np.array(values, dtype=np.object_)
     return pb_utils.Tensor(name, array.reshape(shape) if shape else array)
-
-
-def bytes_array(values: list[bytes]) -> np.ndarray:
-    """``[N]`` numpy ``object`` array of bytes: a ``TYPE_STRING`` output for :func:`response`."""
-    array = np.empty(len(values), dtype=np.object_)
-    array[:] = values
-    return array
-
-
-def packed_requested(request) -> bool:
-    """The caller (one of the server's own models, over BLS) asked for its host outputs packed: see
-    :mod:`gill.serving.packing` for why."""
-    return bool(json.loads(request.parameters() or "{}").get(PACKED_PARAMETER))
-
-
-def response(outputs: dict[str, Any], packed: bool = False, batched: bool = False) -> Any:
-    """An inference response of ``outputs`` (``{name: numpy or torch}``; numpy ``object`` arrays are bytes).
-
-    ``packed``: every host output goes in one bfloat16 ``PACKED`` tensor (``[1, L]`` for a batching model,
-    ``batched``); a CUDA tensor still goes as itself, on its GPU. Otherwise each output is its own tensor."""
-    if not packed:
-        return pb_utils.InferenceResponse([
-            bytes_tensor(name, list(value.reshape(-1)), value.shape)
-            if isinstance(value, np.ndarray) and value.dtype == np.object_ else tensor(name, value)
-            for name, value in outputs.items()])
-    on_gpu = {name for name, value in outputs.items() if isinstance(value, torch.Tensor) and value.is_cuda}
-    host = {name: value.float() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
-            for name, value in outputs.items() if name not in on_gpu}
-    tensors = [tensor(name, outputs[name]) for name in on_gpu]
-    if host:
-        blob = packing.pack(host)
-        blob = blob[None] if batched else blob
-        tensors.append(pb_utils.Tensor.from_dlpack(PACKED, torch.utils.dlpack.to_dlpack(blob)))
-    return pb_utils.InferenceResponse(tensors)
-
-
-def outputs(response) -> dict[str, Any]:
-    """A BLS response's outputs by name: numeric ones as torch tensors (a CUDA one stays on its GPU), bytes ones as
-    numpy ``object`` arrays; a ``PACKED`` output is unpacked. Copies: a response's buffers die with it."""
-    result: dict[str, Any] = {}
-    for value in response.output_tensors():
-        name = value.name()
-        if name == PACKED:
-            result.update(packing.unpack(torch.utils.dlpack.from_dlpack(value.to_dlpack())))
-        elif value.is_cpu() and value.as_numpy().dtype == np.object_:
-            result[name] = value.as_numpy().copy()
-        else:
-            result[name] = to_torch(value)
-    return result
 
 
 def error_response(error: BaseException) -> Any:
@@ -266,24 +213,17 @@ def serve_in_thread(name: str, work: Callable[[], None], sender) -> None:
     threading.Thread(target=run, name=name, daemon=True).start()
 
 
-# One lock for every metrics call of the process: the 2.51 stub's metric messages are not thread-safe across
-# families. Two threads updating two counters at once crashed the stub (a null read in Metric::SaveToSharedMemory
-# or MetricFamily::SaveToSharedMemory), which batched decoding made likely: its turns end in the same instant.
-_METRICS_LOCK = threading.Lock()
-
-
 class Counter:
-    """A labelled Prometheus counter through the Python backend's metrics API; safe from any thread."""
+    """A labelled Prometheus counter through the Python backend's metrics API."""
 
     def __init__(self, name: str, description: str) -> None:
-        with _METRICS_LOCK:
-            self.family = pb_utils.MetricFamily(name=name, description=description,
-                                                kind=pb_utils.MetricFamily.COUNTER)
+        self.family = pb_utils.MetricFamily(name=name, description=description, kind=pb_utils.MetricFamily.COUNTER)
         self._metrics: dict[tuple, Any] = {}
+        self._lock = threading.Lock()
 
     def add(self, value: float = 1.0, **labels: str) -> None:
         key = tuple(sorted(labels.items()))
-        with _METRICS_LOCK:
+        with self._lock:
             metric = self._metrics.get(key)
             if metric is None:
                 metric = self._metrics[key] = self.family.Metric(labels=dict(labels))

@@ -46,6 +46,20 @@ class StageUnavailable(StageError):
 _UNAVAILABLE = ("is not healthy", "is not ready", "is not found", "unknown model")
 
 
+def _output(response, name: str) -> np.ndarray | None:
+    """Output ``name`` as numpy (copied off the GPU if the model produced it there: ``as_numpy`` cannot)."""
+    tensor = pb_utils.get_output_tensor_by_name(response, name)
+    if tensor is None:
+        return None
+    return tensor.as_numpy() if tensor.is_cpu() else backend.to_torch(tensor).cpu().numpy()
+
+
+def _tensor_output(response, name: str) -> torch.Tensor:
+    """Float output ``name`` as torch, where the model left it: a CUDA tensor stays on its GPU (DLPack, no copy),
+    so the [IMG] states and prompt embeddings go llm -> mapper -> diffusion without a trip through host memory."""
+    return backend.to_torch(pb_utils.get_output_tensor_by_name(response, name))
+
+
 def _check(response, model: str) -> None:
     if response.has_error():
         message = response.error().message()
@@ -72,17 +86,10 @@ class RemoteComponents:
         self.can_generate = True
 
     @staticmethod
-    def _request(model: str, inputs: list, outputs: list[str], request_id: str = ""):
-        """Host outputs come packed (gill/serving/packing.py); a CUDA output stays on its GPU (DLPack, no copy), so
-        the [IMG] states and prompt embeddings go llm -> mapper -> diffusion without a trip through host memory."""
-        return pb_utils.InferenceRequest(
-            model_name=model, inputs=inputs, requested_output_names=[backend.PACKED, *outputs],
-            request_id=request_id, parameters={backend.PACKED_PARAMETER: True})
-
-    def _infer(self, model: str, inputs: list, outputs: list[str]) -> dict:
-        response = self._request(model, inputs, outputs).exec()
+    def _infer(model: str, inputs: list, outputs: list[str]):
+        response = pb_utils.InferenceRequest(model_name=model, inputs=inputs, requested_output_names=outputs).exec()
         _check(response, model)
-        return backend.outputs(response)
+        return response
 
     @staticmethod
     def _cancel(model: str, request_id: str) -> None:
@@ -95,7 +102,8 @@ class RemoteComponents:
         """Responses of a decoupled model; when ``cancel()`` turns true, or the caller stops reading, the model
         is told to stop (and its remaining responses are drained)."""
         request_id = f"{model}-{uuid.uuid4().hex}"
-        responses = self._request(model, inputs, outputs, request_id).exec(decoupled=True)
+        responses = pb_utils.InferenceRequest(model_name=model, inputs=inputs, requested_output_names=outputs,
+                                              request_id=request_id).exec(decoupled=True)
         finished = cancelled = False
         try:
             for response in responses:
@@ -103,7 +111,7 @@ class RemoteComponents:
                 finished = response.has_error()
                 _check(response, model)
                 if response.output_tensors():
-                    yield backend.outputs(response)
+                    yield response
                 if not cancelled and cancel is not None and cancel():
                     cancelled = True
                     self._cancel(model, request_id)
@@ -123,8 +131,8 @@ class RemoteComponents:
             rows = [[png_bytes(image)] for image in images[start:start + CLIP_MAX_BATCH]]
             response = self._infer("clip", [pb_utils.Tensor("IMAGE", np.array(rows, dtype=np.object_))],
                                    ["PREFIX", "RETRIEVAL_VECTOR"])
-            prefixes.append(response["PREFIX"])
-            vectors.append(response["RETRIEVAL_VECTOR"])
+            prefixes.append(_tensor_output(response, "PREFIX"))
+            vectors.append(_tensor_output(response, "RETRIEVAL_VECTOR"))
         return torch.cat(prefixes), torch.cat(vectors)
 
     def decode(self, prompt: Prompt, options: GenerationOptions,
@@ -134,11 +142,11 @@ class RemoteComponents:
         if prompt.prefixes is not None:
             inputs.append(backend.tensor("VISUAL_PREFIX", prompt.prefixes))
         for response in self._stream("llm", inputs, ["TOKENS", "FINISH_REASON", "IMG_STATES"], cancel):
-            if "IMG_STATES" in response:
-                yield ImageStates({0: response["IMG_STATES"][0]})
+            if pb_utils.get_output_tensor_by_name(response, "IMG_STATES") is not None:
+                yield ImageStates({0: _tensor_output(response, "IMG_STATES")[0]})
                 continue
-            tokens = response["TOKENS"].tolist()
-            reason = bytes(response["FINISH_REASON"][0]).decode() or None
+            tokens = [int(token) for token in _output(response, "TOKENS")]
+            reason = _output(response, "FINISH_REASON")[0].decode() or None
             if not tokens:  # a finish (for example a cancel) with no new token
                 yield TokenStep([None], [reason])
             for position, token in enumerate(tokens):
@@ -149,15 +157,15 @@ class RemoteComponents:
 
     def image_heads(self, states: torch.Tensor) -> tuple[torch.Tensor, Decision]:
         response = self._mapper(states, ["RETRIEVAL_VECTOR", "DECISION_PROBS"])
-        probabilities = response["DECISION_PROBS"].float().cpu()
+        probabilities = torch.from_numpy(_output(response, "DECISION_PROBS").copy())
         if math.isnan(float(probabilities[0, 0])):  # no decision head in this checkpoint
             decision = Decision(["gen"] * probabilities.shape[0], None)
         else:
             decision = Decision(["gen" if p[0] >= p[1] else "ret" for p in probabilities.tolist()], probabilities)
-        return response["RETRIEVAL_VECTOR"], decision
+        return _tensor_output(response, "RETRIEVAL_VECTOR"), decision
 
     def prompt_embeddings(self, states: torch.Tensor) -> torch.Tensor:
-        return self._mapper(states, ["PROMPT_EMBEDS"])["PROMPT_EMBEDS"]
+        return _tensor_output(self._mapper(states, ["PROMPT_EMBEDS"]), "PROMPT_EMBEDS")
 
     def retrieve(self, query: torch.Tensor, exclude: frozenset[int]) -> tuple[Hit, Image.Image] | None:
         try:
@@ -172,13 +180,13 @@ class RemoteComponents:
             if "RetrievalUnavailable" in str(error) or isinstance(error, StageUnavailable):
                 raise RetrievalUnavailable(str(error)) from None
             raise
-        rows = zip(response["IDS"].tolist(), response["SCORES"].tolist(), response["URLS"], response["CAPTIONS"],
-                   response["IMAGES"], strict=True)
+        rows = zip(_output(response, "IDS"), _output(response, "SCORES"), _output(response, "URLS"),
+                   _output(response, "CAPTIONS"), _output(response, "IMAGES"), strict=True)
         for hit_id, score, url, caption, data in rows:
             if data:
                 hit = Hit(int(hit_id), url.decode(), float(score), caption.decode() or None)
                 return hit, load_image(bytes(data), what=hit.url)
-        failure = response.get("FAILURE")
+        failure = _output(response, "FAILURE")
         if failure is not None and bytes(failure.reshape(-1)[0]):
             raise RetrievalFailed(bytes(failure.reshape(-1)[0]).decode())
         return None
@@ -196,11 +204,11 @@ class RemoteComponents:
             backend.tensor("PROGRESS", np.array([True])),
         ]
         for response in self._stream("diffusion", inputs, ["IMAGE", "PREVIEW", "STEP", "TOTAL_STEPS"], cancel):
-            image = response.get("IMAGE")
+            image = _output(response, "IMAGE")
             if image is not None:
                 return load_image(bytes(image[0]), what="generated image")
-            preview = response.get("PREVIEW")
+            preview = _output(response, "PREVIEW")
             if preview is not None:
-                step, total = int(response["STEP"][0]), int(response["TOTAL_STEPS"][0])
+                step, total = int(_output(response, "STEP")[0]), int(_output(response, "TOTAL_STEPS")[0])
                 on_preview(step, total, load_image(bytes(preview[0]), what="preview"))
         return None

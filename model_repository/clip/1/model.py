@@ -5,6 +5,7 @@ import contextlib
 with contextlib.suppress(ImportError):  # `gill serve` adds the project's environment; Triton images install gill
     import gill_environment  # noqa: F401
 
+import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from gill.images import load_image  # noqa: E402
 from gill.model import GILL  # noqa: E402
@@ -30,8 +31,8 @@ class TritonPythonModel:
             prefix, vectors = self.model.encode_images(images)
             start = 0
             for index, count in owners:
-                responses[index] = backend.response(
-                    {"PREFIX": prefix[start:start + count], "RETRIEVAL_VECTOR": vectors[start:start + count]},
-                    backend.packed_requested(requests[index]), batched=True)
+                responses[index] = pb_utils.InferenceResponse([
+                    backend.tensor("PREFIX", prefix[start:start + count]),
+                    backend.tensor("RETRIEVAL_VECTOR", vectors[start:start + count])])
                 start += count
         return responses

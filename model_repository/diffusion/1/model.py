@@ -60,18 +60,17 @@ class TritonPythonModel:
             seed=None if seed < 0 else seed)
         self.limits.check_options(options)
         progress = bool(backend.scalar(request, "PROGRESS", False))
-        packed = backend.packed_requested(request)
         done = [0, 0]
 
         def on_step(step: int, total: int) -> None:
             done[:] = [step, total]
             self.steps.add()
             if progress:
-                sender.send(backend.response(self._progress(step, total), packed))
+                sender.send(pb_utils.InferenceResponse(self._progress(step, total)))
 
         def on_preview(step: int, total: int, image) -> None:
-            outputs = self._progress(step, total) | {"PREVIEW": backend.bytes_array([png_bytes(image)])}
-            sender.send(backend.response(outputs, packed))
+            outputs = self._progress(step, total) + [backend.bytes_tensor("PREVIEW", [png_bytes(image)])]
+            sender.send(pb_utils.InferenceResponse(outputs))
 
         # Requests with the same loop settings denoise together (max_batch, batch_window_ms in config.pbtxt).
         image = self.batcher.generate(
@@ -82,8 +81,9 @@ class TritonPythonModel:
             pb_utils.Logger.log_info(f"diffusion {request.request_id()!r} cancelled after step {done[0]} of {done[1]}")
             return
         self.outcomes.add(outcome="completed")
-        sender.send(backend.response({"IMAGE": backend.bytes_array([png_bytes(image)])}, packed))
+        sender.send(pb_utils.InferenceResponse([backend.bytes_tensor("IMAGE", [png_bytes(image)])]))
 
     @staticmethod
-    def _progress(step: int, total: int) -> dict:
-        return {"STEP": np.array([step], dtype=np.int32), "TOTAL_STEPS": np.array([total], dtype=np.int32)}
+    def _progress(step: int, total: int) -> list:
+        return [backend.tensor("STEP", np.array([step], dtype=np.int32)),
+                backend.tensor("TOTAL_STEPS", np.array([total], dtype=np.int32))]

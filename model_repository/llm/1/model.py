@@ -14,6 +14,7 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from gill.batching import ContinuousDecoder, RowImage, RowToken  # noqa: E402
 from gill.decoding import Decoder  # noqa: E402
@@ -41,17 +42,15 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             try:
                 prompt = self._prompt(request)
-                packed = backend.packed_requested(request)
                 if backend.scalar(request, "FORCE_IMAGE", False):
-                    backend.serve_in_thread("gill-llm-image", lambda p=prompt, s=sender, k=packed: self._image(p, s, k),
-                                            sender)
+                    backend.serve_in_thread("gill-llm-image", lambda p=prompt, s=sender: self._image(p, s), sender)
                     continue
                 try:
                     options = GenerationOptions.from_dict(json.loads(backend.scalar(request, "OPTIONS", "{}")))
                 except json.JSONDecodeError as error:
                     raise InputError(f"OPTIONS is not valid JSON: {error}") from error
                 flag = self.cancels.register(request.request_id())
-                turn = Turn(sender, packed, self.interval, self.tokens_total,
+                turn = Turn(sender, self.interval, self.tokens_total,
                             lambda rid=request.request_id(): self.cancels.release(rid))
                 self.engine.submit(prompt, options, turn.emit, backend.checker(request, flag))
             except Exception as error:  # noqa: BLE001 - bad input ends this request only
@@ -68,9 +67,9 @@ class TritonPythonModel:
             prefixes = None
         return self.model.embed_prompt(torch.from_numpy(ids.astype(np.int64)), prefixes)
 
-    def _image(self, prompt: torch.Tensor, sender, packed: bool) -> None:
+    def _image(self, prompt: torch.Tensor, sender) -> None:
         states = self.decoder.image_states(prompt)
-        sender.send(backend.response({"IMG_STATES": states[None]}, packed))
+        sender.send(pb_utils.InferenceResponse([backend.tensor("IMG_STATES", states[None])]))
 
     def finalize(self):
         self.steps.flush()
@@ -81,9 +80,8 @@ class Turn:
     within it travel together; the first, the last and those before an image go at once), IMG_STATES when an
     image's chunk went through the LM, FINAL at the end."""
 
-    def __init__(self, sender, packed: bool, interval: float, tokens_total, release) -> None:
-        self.sender, self.packed, self.interval = sender, packed, interval
-        self.tokens_total, self.release = tokens_total, release
+    def __init__(self, sender, interval: float, tokens_total, release) -> None:
+        self.sender, self.interval, self.tokens_total, self.release = sender, interval, tokens_total, release
         self.pending: list[int] = []
         self.last_sent = 0.0
 
@@ -96,7 +94,7 @@ class Turn:
         elif isinstance(event, RowImage):
             if self.pending:
                 self._flush("")
-            self.sender.send(backend.response({"IMG_STATES": event.states[None]}, self.packed))
+            self.sender.send(pb_utils.InferenceResponse([backend.tensor("IMG_STATES", event.states[None])]))
         else:
             self.release()
             if event.error is not None:
@@ -104,9 +102,9 @@ class Turn:
             self.sender.send(flags=backend.FINAL)
 
     def _flush(self, reason: str) -> None:
-        outputs = {"TOKENS": np.array(self.pending, dtype=np.int64),
-                   "FINISH_REASON": backend.bytes_array([reason.encode()])}
-        self.sender.send(backend.response(outputs, self.packed))
+        outputs = [backend.tensor("TOKENS", np.array(self.pending, dtype=np.int64)),
+                   backend.bytes_tensor("FINISH_REASON", [reason.encode()])]
+        self.sender.send(pb_utils.InferenceResponse(outputs))
         if self.pending:  # a metric update is a message to the server too: one per response, not per token
             self.tokens_total.add(len(self.pending))
         self.pending, self.last_sent = [], time.monotonic()

@@ -7,6 +7,7 @@ with contextlib.suppress(ImportError):  # `gill serve` adds the project's enviro
     import gill_environment  # noqa: F401
 
 import torch  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from gill.model import GILL  # noqa: E402
 from gill.serving import backend  # noqa: E402
@@ -45,9 +46,9 @@ class TritonPythonModel:
             outputs["PROMPT_EMBEDS"] = self.model.prompt_embeddings(states)
         start = 0
         for index, batch in zip(owners, batches):
-            names = set(requests[index].requested_output_names()) & set(outputs)
+            names = requests[index].requested_output_names()
             count = batch.shape[0]
-            responses[index] = backend.response({name: outputs[name][start:start + count] for name in sorted(names)},
-                                                backend.packed_requested(requests[index]), batched=True)
+            responses[index] = pb_utils.InferenceResponse(
+                [backend.tensor(name, outputs[name][start:start + count]) for name in names])
             start += count
         return responses

@@ -50,12 +50,12 @@ class TritonPythonModel:
                     images[hits.index(hit)] = png_bytes(image)
                 except RetrievalFailed as error:
                     failure = str(error)
-            return backend.response({
-                "FAILURE": backend.bytes_array([failure.encode()]),
-                "IDS": np.array([h.id for h in hits], dtype=np.int64),
-                "SCORES": np.array([h.score for h in hits], dtype=np.float32),
-                "URLS": backend.bytes_array([h.url.encode() for h in hits]),
-                "CAPTIONS": backend.bytes_array([(h.caption or "").encode() for h in hits]),
-                "IMAGES": backend.bytes_array(images)}, backend.packed_requested(request))
+            return pb_utils.InferenceResponse([
+                backend.bytes_tensor("FAILURE", [failure.encode()]),
+                backend.tensor("IDS", np.array([h.id for h in hits], dtype=np.int64)),
+                backend.tensor("SCORES", np.array([h.score for h in hits], dtype=np.float32)),
+                backend.bytes_tensor("URLS", [h.url.encode() for h in hits]),
+                backend.bytes_tensor("CAPTIONS", [(h.caption or "").encode() for h in hits]),
+                backend.bytes_tensor("IMAGES", images)])
         except Exception as error:
             return backend.error_response(error)
