@@ -111,7 +111,7 @@ def _client_loop(client: GillClient, index: int, stop: threading.Event, report: 
 
 
 # While the watchdog reloads the dialogue model, Triton answers that it is unknown or not ready.
-_RELOADING = ("is not healthy", "unknown model", "is not found", "is not ready")
+_RELOADING = ("is not healthy", "unknown model", "is not found", "is not ready", "the turn was lost")
 
 
 def _stub_died(error: Exception) -> bool:

@@ -316,3 +316,17 @@ def test_gill_chat_reports_errors_with_their_code(server):
     assert result.returncode == 1 and "UNAUTHENTICATED" in result.stderr
     result = _gill_chat(server, "hello", "--image", "/nonexistent.png")
     assert result.returncode == 2 and "no such image file" in result.stderr
+
+
+@pytest.mark.parametrize("raw", [b"", b"\x01\x00", b"\x09\x00\x00\x00abc"])
+def test_a_malformed_event_is_a_typed_error_that_says_to_retry(raw):
+    """What a client got when the server's dialogue model died while sending (seen in the soak): not a struct.error."""
+    from tritonclient.grpc import service_pb2
+
+    from gill_client import _transport as transport
+    from gill_client.errors import Internal
+
+    response = service_pb2.ModelStreamInferResponse()
+    response.infer_response.raw_output_contents.append(raw)
+    with pytest.raises(Internal, match="malformed event from the server .*retry it"):
+        transport.chat_event(response, "r1")

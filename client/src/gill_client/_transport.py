@@ -141,6 +141,11 @@ def chat_event(response: Any, request_id: str) -> tuple[pb.ChatEvent | None, boo
     if not infer.raw_output_contents:
         return None, final
     raw = infer.raw_output_contents[0]
+    if len(raw) < 4 or struct.unpack_from("<I", raw)[0] > len(raw) - 4:
+        # Seen when the server's dialogue model died while sending: the turn is lost, and the next one is served
+        # once the model is back.
+        raise Internal(f"malformed event from the server ({len(raw)} bytes): the turn was lost, for example because "
+                       "the model serving it died; retry it", request_id)
     (length,) = struct.unpack_from("<I", raw)
     return pb.ChatEvent.FromString(raw[4:4 + length]), final
 
