@@ -213,17 +213,23 @@ def serve_in_thread(name: str, work: Callable[[], None], sender) -> None:
     threading.Thread(target=run, name=name, daemon=True).start()
 
 
+# One lock for every metrics call of the process: the stub sends each as a message through one shared buffer, and
+# counters of different families are updated from different threads.
+_METRICS_LOCK = threading.Lock()
+
+
 class Counter:
-    """A labelled Prometheus counter through the Python backend's metrics API."""
+    """A labelled Prometheus counter through the Python backend's metrics API; safe from any thread."""
 
     def __init__(self, name: str, description: str) -> None:
-        self.family = pb_utils.MetricFamily(name=name, description=description, kind=pb_utils.MetricFamily.COUNTER)
+        with _METRICS_LOCK:
+            self.family = pb_utils.MetricFamily(name=name, description=description,
+                                                kind=pb_utils.MetricFamily.COUNTER)
         self._metrics: dict[tuple, Any] = {}
-        self._lock = threading.Lock()
 
     def add(self, value: float = 1.0, **labels: str) -> None:
         key = tuple(sorted(labels.items()))
-        with self._lock:
+        with _METRICS_LOCK:
             metric = self._metrics.get(key)
             if metric is None:
                 metric = self._metrics[key] = self.family.Metric(labels=dict(labels))
