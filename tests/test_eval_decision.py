@@ -8,7 +8,6 @@ import json
 import shutil
 
 import pytest
-import torch
 from test_train_decision import TRAIN_SIZE, raw_tsv, synthetic_rows
 from typer.testing import CliRunner
 
@@ -18,14 +17,7 @@ from gill.evaluation.decision import DecisionEvalSettings, evaluate_decision, lo
 from gill.integrity import read_checksums
 from gill.training.decision import DecisionTrainingConfig, train_decision
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny forwards: a second thread on a busy 2-core runner mostly waits.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

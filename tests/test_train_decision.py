@@ -55,13 +55,7 @@ SAME_VOTES = ["ret,gen,ret,gen,ret", "same,same,same,gen,gen"]
 TRAIN_SIZE = 20  # of the 32 gen/ret rows; the other 12 (6 of each) validate
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The head's steps are microseconds of work; a second thread on a busy 2-core runner costs 50x in waiting.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_tsv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
