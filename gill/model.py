@@ -37,6 +37,24 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def checkpoint_tokenizer(args: GILLArgs, directory: Path) -> tuple[PreTrainedTokenizerBase, SpecialTokens]:
+    """The checkpoint's tokenizer with GILL's tokens; raises if its ``[IMG]`` ids differ from the recorded ones."""
+    tokenizer, tokens = load_tokenizer(resolve_source(args.tokenizer or args.opt_version, directory), args.num_tokens)
+    if args.retrieval_token_idx and tuple(args.retrieval_token_idx) != tokens.img:
+        raise CheckpointError(f"{directory}: model_args.json records [IMG] ids {list(args.retrieval_token_idx)} "
+                              f"but the tokenizer gives {list(tokens.img)}; the tokenizer does not match")
+    return tokenizer, tokens
+
+
+def load_lm(source: str, tokens: SpecialTokens, dtype: torch.dtype) -> OPTForCausalLM:
+    """The OPT LM with its embedding table sized to the tokenizer (GILL's added tokens included)."""
+    lm = OPTForCausalLM.from_pretrained(source, dtype=dtype)
+    if lm.get_input_embeddings().num_embeddings != tokens.vocab_size:
+        # OPT-6.7B ships 50272 rows; the reference resizes to len(tokenizer) = 50274.
+        lm.resize_token_embeddings(tokens.vocab_size, mean_resizing=False)
+    return lm
+
+
 @dataclass
 class Decision:
     """Retrieve-or-generate for each image request; ``probabilities`` are (p_gen, p_ret)."""
@@ -76,19 +94,12 @@ class GILL:
         args = GILLArgs.load(directory)
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
-        tokenizer_source = resolve_source(args.tokenizer or args.opt_version, directory)
-        tokenizer, tokens = load_tokenizer(tokenizer_source, args.num_tokens)
-        if args.retrieval_token_idx and tuple(args.retrieval_token_idx) != tokens.img:
-            raise CheckpointError(f"{directory}: model_args.json records [IMG] ids {list(args.retrieval_token_idx)} "
-                                  f"but the tokenizer gives {list(tokens.img)}; the tokenizer does not match")
+        tokenizer, tokens = checkpoint_tokenizer(args, directory)
         lm_source = resolve_source(args.opt_version, directory)
         vision_source = resolve_source(args.visual_encoder, directory)
         lm = vision = image_processor = None
         if "lm" in parts:
-            lm = OPTForCausalLM.from_pretrained(lm_source, dtype=dtype)
-            if lm.get_input_embeddings().num_embeddings != tokens.vocab_size:
-                # OPT-6.7B ships 50272 rows; the reference resizes to len(tokenizer) = 50274.
-                lm.resize_token_embeddings(tokens.vocab_size, mean_resizing=False)
+            lm = load_lm(lm_source, tokens, dtype)
             lm_width = lm.config.hidden_size
         else:
             lm_width = AutoConfig.from_pretrained(lm_source).hidden_size

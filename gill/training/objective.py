@@ -43,8 +43,8 @@ from gill.checkpoint import load_adapters
 from gill.config import GILLArgs, resolve_source
 from gill.convert import ADAPTERS_FILE
 from gill.errors import CheckpointError, InputError
-from gill.model import default_device, default_dtype
-from gill.tokens import SpecialTokens, load_tokenizer
+from gill.model import checkpoint_tokenizer, default_device, default_dtype, load_lm
+from gill.tokens import SpecialTokens
 from gill.training.batch import Batch
 from gill.training.losses import IGNORE_INDEX, caption_cross_entropy, info_nce, l2_loss
 
@@ -154,15 +154,9 @@ class GILLObjective(nn.Module):
         args = GILLArgs.load(directory)
         device = torch.device(device) if device is not None else default_device()
         frozen_dtype = frozen_dtype or default_dtype(device)
-        tokenizer, tokens = load_tokenizer(resolve_source(args.tokenizer or args.opt_version, directory),
-                                           args.num_tokens)
-        if args.retrieval_token_idx and tuple(args.retrieval_token_idx) != tokens.img:
-            raise CheckpointError(f"{directory}: model_args.json records [IMG] ids {list(args.retrieval_token_idx)} "
-                                  f"but the tokenizer gives {list(tokens.img)}; the tokenizer does not match")
-        lm = OPTForCausalLM.from_pretrained(resolve_source(args.opt_version, directory), dtype=frozen_dtype)
-        if lm.get_input_embeddings().num_embeddings != tokens.vocab_size:
-            # The rows of the added tokens are never read: [IMG] rows are substituted, <|image|> is never input.
-            lm.resize_token_embeddings(tokens.vocab_size, mean_resizing=False)
+        tokenizer, tokens = checkpoint_tokenizer(args, directory)
+        # The rows of the added tokens are never read: [IMG] rows are substituted, <|image|> is never input.
+        lm = load_lm(resolve_source(args.opt_version, directory), tokens, frozen_dtype)
         vision = CLIPVisionModel.from_pretrained(resolve_source(args.visual_encoder, directory), dtype=frozen_dtype)
         lm_width, vision_width = lm.config.hidden_size, vision.config.hidden_size
         if fresh_adapters:
