@@ -117,6 +117,15 @@ def test_a_batch_whose_samples_all_failed_is_none(tmp_path, encoder):
     assert loader.position == DataPosition(epoch=1, batch=0)
 
 
+def test_data_whose_every_sample_fails_stops_training_with_the_reasons(tmp_path, encoder):
+    """Not an endless loop of empty batches: a pass with no usable sample is an error that says why."""
+    data = make_shapes_dataset(tmp_path, n_train=4, n_val=1, seed=2)
+    (tmp_path / "empty-targets").mkdir()  # a folder with no target in it: every sample fails
+    dataset = CaptionImageTSV(data.train_tsv, encoder, targets_dir=tmp_path / "empty-targets")
+    with pytest.raises(InputError, match="no batch.*4 samples skipped.*preprocess_sd_targets"):
+        run(make_loader(dataset, batch_size=2), 10)
+
+
 def test_bad_captions_shards_and_tsv_headers(tmp_path, encoder, shapes):
     tsv = tmp_path / "data.tsv"
     tsv.write_text("caption\timage\n  \timages/train-000000.png\na shape\timages/nowhere.png\n")

@@ -585,11 +585,12 @@ class TrainLoader:
             from_start = self.position.batch == 0
             yielded = False
             for batch in self:
-                yielded = True
+                yielded = yielded or batch is not None  # a batch whose every sample failed is None
                 yield batch
             if from_start and not yielded:
-                raise InputError(f"a whole pass over the data gave rank {self.rank} no batch of {self.batch_size}; "
-                                 "use a smaller batch size or more data")
+                raise InputError(f"a whole pass over the data gave rank {self.rank} no batch of {self.batch_size} "
+                                 f"({self.skips}); fix the data (for missing SD targets run "
+                                 "preprocess_sd_targets), or use a smaller batch size or more data")
 
     def _generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed)
