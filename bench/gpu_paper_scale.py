@@ -191,7 +191,7 @@ def build_stack(shapes: StackShapes, device: torch.device, lm_dtype: torch.dtype
     from diffusers import PNDMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
-    from gill.tiny import _build_sd_tokenizer
+    from gill.tiny import build_char_clip_tokenizer
 
     with torch.device(device):
         with default_tensor_dtype(lm_dtype):
@@ -206,7 +206,7 @@ def build_stack(shapes: StackShapes, device: torch.device, lm_dtype: torch.dtype
     # The empty negative prompt goes through SD's own text encoder once, as served; the character-level CLIP
     # tokenizer of the tiny checkpoints encodes "" to the same bos/eos/pad ids layout without a download.
     with tempfile.TemporaryDirectory(prefix="gill-sd-tokenizer-") as directory:
-        _build_sd_tokenizer(Path(directory))
+        build_char_clip_tokenizer(Path(directory))
         tokenizer = CLIPTokenizer.from_pretrained(directory)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=PNDMScheduler(**shapes.scheduler), safety_checker=None,

@@ -88,17 +88,19 @@ def _tokenizer_corpus() -> list[str]:
     return lines
 
 
-def build_tokenizer(directory: Path, vocab_pad_to: int | None) -> None:
-    """Train a byte-level BPE offline and save it where ``AutoTokenizer`` loads it as OPT's ``GPT2Tokenizer``."""
+def build_tokenizer(directory: Path, vocab_pad_to: int | None, lines: list[str] | None = None,
+                    vocab_size: int = 2000) -> None:
+    """Train a byte-level BPE offline (on ``lines``, default the shapes captions and a few dialogues) and save it
+    where ``AutoTokenizer`` loads it as OPT's ``GPT2Tokenizer``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=2000, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+        vocab_size=vocab_size, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator(_tokenizer_corpus(), trainer)
+    tokenizer.train_from_iterator(_tokenizer_corpus() if lines is None else lines, trainer)
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer.model.save(str(directory))
     if vocab_pad_to is not None:
@@ -114,8 +116,8 @@ def build_tokenizer(directory: Path, vocab_pad_to: int | None) -> None:
     }, indent=2))
 
 
-def _build_sd_tokenizer(directory: Path) -> None:
-    """A character-level CLIP tokenizer (no merges): enough to encode the empty negative prompt."""
+def build_char_clip_tokenizer(directory: Path) -> None:
+    """A character-level CLIP tokenizer (no merges): every character is a token, so any short prompt fits in 77."""
     from tokenizers import pre_tokenizers
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
@@ -180,7 +182,7 @@ def _build_sd(directory: Path, preset: Preset, seed: int) -> None:
     # Stable Diffusion v1.5's own scheduler configuration (PNDM, scaled-linear betas).
     scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               num_train_timesteps=1000, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
-    _build_sd_tokenizer(directory / "tokenizer_src")
+    build_char_clip_tokenizer(directory / "tokenizer_src")
     tokenizer = CLIPTokenizer.from_pretrained(directory / "tokenizer_src")
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
