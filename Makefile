@@ -17,10 +17,10 @@ $(BIN)/gill: pyproject.toml client/pyproject.toml
 
 install: $(BIN)/gill
 
-# The main job on the embedded defaults: build the tiny checkpoint (first use), start Triton on loopback,
-# stream one dialogue turn over gRPC (text, then an image saved to outputs/), stop the server.
+# The main job on the embedded defaults: start Triton on loopback with the pocket model (gill/data/pocket), hold a
+# two-turn conversation over gRPC (a retrieved image, then a generated one, saved to outputs/), stop the server.
 demo: install
-	$(BIN)/gill run "show me a picture of a red circle" --served --gen-scale-factor 1000 --min-word-tokens 4 --steps 20 --seed 1 --out outputs
+	$(BIN)/gill run "show me a red circle" "draw a blue circle on a green background" --served --scheduler dpm++ --steps 20 --seed 1 --out outputs
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -141,10 +141,21 @@ def ingest(
 
 
 @app.command()
+def default_checkpoint() -> Path:
+    """The checkpoint ``gill run`` and ``gill serve`` use without ``--checkpoint``: the committed pocket model."""
+    from gill.pocket.default import pocket_checkpoint
+
+    return pocket_checkpoint()
+
+
+@app.command()
 def run(
-    text: Annotated[str, typer.Argument(help="the user's message (sent as 'Q: {text}\\nA:' like the reference demo)")],
-    image: Annotated[list[Path] | None, typer.Option(help="an input image, before the text; repeatable")] = None,
-    checkpoint: Annotated[Path | None, typer.Option(help="checkpoint directory (default: the tiny one)")] = None,
+    text: Annotated[list[str], typer.Argument(
+        help="the user's message (sent as 'Q: {text}\\nA:' like the reference demo); several make a conversation, "
+             "one turn each, every reply (images included) kept in the history of the next")],
+    image: Annotated[list[Path] | None, typer.Option(help="an input image, before the first text; repeatable")]
+    = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="checkpoint directory (default: the pocket model)")] = None,
     out: Annotated[Path, typer.Option(help="where images are saved")] = Path("outputs"),
     served: Annotated[bool, typer.Option(help="run the turn through a Triton server started for it")] = False,
     max_new_tokens: int = 32,
@@ -162,29 +173,24 @@ def run(
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (in-process; default: cuda if present)")]
     = None,
 ) -> None:
-    """Run one dialogue turn, in-process or served: stream the text, save the images, say where each came from."""
+    """Run a dialogue, in-process or served: stream the text, save the images, say where each came from."""
     from gill import protocol
     from gill_client import ChatOptions, GillClient, GillClientError, user
     from gill_client.chat import Renderer
     from gill_client.events import from_proto
     from gill_client.messages import build_request
+    from gill_client.reply import ReplyBuilder
 
-    message = user(*(image or []), text)
+    messages = [user(*(image or []), text[0])] + [user(later) for later in text[1:]]
     chat_options = ChatOptions(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
         min_word_tokens=min_word_tokens, ret_scale_factor=ret_scale_factor, gen_scale_factor=gen_scale_factor,
         guidance_scale=guidance_scale, num_inference_steps=steps, scheduler=scheduler)
     renderer = Renderer(out)
     try:
-        request = build_request([message], chat_options)
-        options = protocol.options_from_request(request)  # validates before anything loads
-        if checkpoint is None:
-            from gill.tiny import ensure_tiny_checkpoint
-
-            with console.status("building the tiny checkpoint (first use only)"):
-                checkpoint = ensure_tiny_checkpoint()
+        options = protocol.options_from_request(build_request(messages[:1], chat_options))  # validates first
+        checkpoint = checkpoint or default_checkpoint()
         out.mkdir(parents=True, exist_ok=True)
-        renderer.start()
         if served:
             from gill.serving.server import TritonServer
 
@@ -194,8 +200,12 @@ def run(
             try:
                 console.print(f"[dim]served at {server.endpoints.grpc}[/dim]")
                 with GillClient(server.endpoints.grpc) as client:
-                    for event in client.chat([message], chat_options):
-                        renderer(event)
+                    conversation = client.conversation(chat_options)
+                    for message in messages:
+                        _show_question(renderer, message, len(messages))
+                        stream = conversation.send(*message.parts)
+                        for event in stream:
+                            renderer(event)
             except GillClientError as error:
                 raise GillError(str(error)) from None
             finally:
@@ -205,13 +215,27 @@ def run(
 
             with console.status(f"loading {checkpoint}"):
                 pipeline = Pipeline.from_checkpoint(checkpoint, device=device)
-            for event in pipeline.stream(protocol.parts_from_request(request), options):
-                wire = protocol.event_to_proto(event)
-                typed = from_proto(wire) if wire is not None else None
-                if typed is not None:
-                    renderer(typed)
+            history: list = []
+            for message in messages:
+                _show_question(renderer, message, len(messages))
+                request = build_request([*history, message], chat_options)
+                builder = ReplyBuilder()
+                for event in pipeline.stream(protocol.parts_from_request(request), options,
+                                             shown=protocol.shown_corpus_ids(request)):
+                    wire = protocol.event_to_proto(event)
+                    typed = from_proto(wire) if wire is not None else None
+                    if typed is not None:
+                        renderer(typed)
+                        builder.add(typed)
+                history += [message, builder.reply().as_message()]
     except (GillError, OSError) as error:
         _fail(error)
+
+
+def _show_question(renderer, message, turns: int) -> None:
+    """Start a turn; in a conversation, print the question first so the transcript reads as one."""
+    question = " ".join(part for part in message.parts if isinstance(part, str))
+    renderer.start(f"Q: {question}\nA:" if turns > 1 else "")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
@@ -226,7 +250,7 @@ def chat(context: typer.Context) -> None:
 
 @app.command()
 def serve(
-    checkpoint: Annotated[Path | None, typer.Option(help="checkpoint directory (default: the tiny one)")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="checkpoint directory (default: the pocket model)")] = None,
     host: Annotated[str, typer.Option(help="address to bind; 0.0.0.0 to accept remote clients")] = "127.0.0.1",
     grpc_port: Annotated[int, typer.Option(help="gRPC port (0: a free one)")] = 8001,
     http_port: Annotated[int, typer.Option(help="HTTP port (0: a free one)")] = 8000,
@@ -258,14 +282,10 @@ def serve(
     from gill.integrity import verify_checkpoint
     from gill.limits import Limits
     from gill.serving.server import ServeError, TritonServer, merge_parameters, parse_parameters
-    from gill.tiny import ensure_tiny_checkpoint
-
     try:
         limits = Limits.from_assignments(limit or [])  # first: a typo in a limit fails before anything loads
         overrides = parse_parameters(parameter or [])
-        if checkpoint is None:
-            with console.status("building the tiny checkpoint (first use only)"):
-                checkpoint = ensure_tiny_checkpoint()
+        checkpoint = checkpoint or default_checkpoint()
         if api_key_file is not None:
             try:
                 api_key = api_key_file.read_text().strip()
@@ -703,6 +723,32 @@ def make_shapes_data(
     for split, written in (("train", dataset.train_shards), ("val", dataset.val_shards)):
         if written:
             print(f"{split} shards: {dataset.shard_pattern(split)}")
+
+
+@app.command("make-pocket")
+def make_pocket(
+    directory: Annotated[Path, typer.Argument(help="where to build the pocket checkpoint")],
+    seed: Annotated[int, typer.Option(help="random seed of the world and of every stage's training")] = 0,
+    quick: Annotated[bool, typer.Option(help="a few steps of each stage: the layout, not the quality (tests)")]
+    = False,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's); 1 is faster on a "
+                                                     "machine busy with other work")] = None,
+) -> None:
+    """Train the pocket GILL from scratch on the CPU in the shapes world: LM, CLIP, Stable Diffusion, adapters,
+    decision head (about 15 minutes on 2 cores; see docs/pocket.md)."""
+    from gill.pocket.build import PocketConfig
+    from gill.pocket.build import make_pocket as build
+
+    config = PocketConfig(seed=seed)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    try:
+        build(directory, config.quick() if quick else config)
+    except (GillError, OSError) as error:
+        _fail(error)
+    print(f"built the pocket checkpoint in {directory}; what each stage measured: {directory / 'pocket.json'}")
 
 
 def _log_watchdog() -> None:

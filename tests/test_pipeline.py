@@ -180,6 +180,17 @@ def test_gill_run_streams_and_saves_the_image(tiny_dir, tmp_path):
     assert "stop:" in result.output or "tokens" in result.output
 
 
+def test_gill_run_holds_a_conversation(tiny_dir, tmp_path):
+    """Several messages: one turn each, the transcript printed, each turn's image saved under its turn number."""
+    result = CliRunner().invoke(app, ["run", "show me a red circle", "now a blue one", "--checkpoint", str(tiny_dir),
+                                      "--out", str(tmp_path), "--gen-scale-factor", "100000", "--steps", "2",
+                                      "--max-new-tokens", "4", "--seed", "1", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "Q: show me a red circle\nA:" in result.output and "Q: now a blue one\nA:" in result.output
+    assert len(list(tmp_path.glob("turn1-image0-*.png"))) == 1 and len(list(tmp_path.glob("turn2-image0-*.png"))) == 1
+    assert result.output.count("stop:") == 2
+
+
 def test_gill_run_bad_option_is_a_readable_error(tiny_dir):
     result = CliRunner().invoke(app, ["run", "hi", "--checkpoint", str(tiny_dir), "--temperature", "-1"])
     assert result.exit_code == 2

@@ -59,6 +59,36 @@ def test_the_build_answers_a_turn_with_an_image(quick_pocket, tmp_path):
     assert len(result.images) == 1 and result.images[0].image.size == (32, 32)
 
 
+def test_the_committed_checkpoint_is_what_the_defaults_build():
+    """Changing a stage's configuration without rebuilding the committed checkpoint fails here: run
+    `gill make-pocket gill/data/pocket` (it rebuilds that stage and the ones after it)."""
+    from gill.pocket.build import PocketConfig, built_fingerprints, stage_fingerprints
+    from gill.pocket.default import pocket_checkpoint
+
+    assert built_fingerprints(pocket_checkpoint()) == stage_fingerprints(PocketConfig())
+
+
+def test_a_rerun_skips_built_stages_and_rebuilds_a_changed_one(quick_pocket, monkeypatch):
+    from dataclasses import replace
+
+    from gill.pocket import build
+    from gill.pocket.build import PocketConfig, built_fingerprints, make_pocket, stage_fingerprints
+
+    config = PocketConfig(seed=3).quick()
+    assert built_fingerprints(quick_pocket) == stage_fingerprints(config)
+    calls = []
+    monkeypatch.setattr(build, "train_lm", lambda *args: calls.append("lm"))
+    monkeypatch.setattr(build, "_clip_stage", lambda *args: calls.append("clip"))
+    monkeypatch.setattr(build, "_diffusion_stage", lambda *args: calls.append("diffusion") or {})
+    monkeypatch.setattr(build, "_adapter_stage", lambda *args: calls.append("adapters") or {})
+    make_pocket(quick_pocket, config, progress=False)
+    assert calls == []
+    changed = replace(config, diffusion=replace(config.diffusion, unet_steps=5))
+    make_pocket(quick_pocket, changed, progress=False)
+    assert calls == ["diffusion", "adapters"]
+    assert built_fingerprints(quick_pocket) == stage_fingerprints(changed)
+
+
 def test_a_bad_directory_is_a_readable_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")

@@ -60,7 +60,8 @@ class AdapterConfig:
     mapper_num_heads: int = 4
     train_pairs: int = 6000
     val_pairs: int = 256
-    steps: int = 1500
+    # 1,500 steps gave retrieval top-1 (colour and shape) 48% served; 3,000 gave 60% and was still improving.
+    steps: int = 3000
     batch_size: int = 32
     lr: float = 1e-3
     warmup_steps: int = 100
@@ -184,6 +185,30 @@ def _train_decision(directory: Path, world: World, config: AdapterConfig, seed: 
     return {"validation_macro_f1": result.validation.macro_f1, "majority_baseline_macro_f1": result.baseline.macro_f1}
 
 
+def _next_fingerprint(chain: str, name: str, config: Any) -> str:
+    return hashlib.sha256(f"{chain}|{name}|{config!r}".encode()).hexdigest()
+
+
+def stage_fingerprints(config: PocketConfig) -> dict[str, str]:
+    """The fingerprint of each stage that ``config`` builds, in build order (what the markers record)."""
+    chain, prints = f"seed={config.seed}", {}
+    for name, stage in (("lm", config.lm), ("clip", config.clip), ("diffusion", config.diffusion),
+                        ("adapters", config.adapters)):
+        chain = prints[name] = _next_fingerprint(chain, name, stage)
+    return prints
+
+
+def built_fingerprints(directory: str | Path) -> dict[str, str | None]:
+    """The fingerprint each stage's marker in ``directory`` records (None: not built)."""
+    prints: dict[str, str | None] = {}
+    for name in ("lm", "clip", "diffusion", "adapters"):
+        try:
+            prints[name] = json.loads((Path(directory) / f".pocket-{name}.json").read_text())["fingerprint"]
+        except (OSError, ValueError, KeyError):
+            prints[name] = None
+    return prints
+
+
 class _Stages:
     """Runs the build's stages in order, each at most once per configuration: a stage that finished writes a
     hidden marker (``.pocket-<stage>.json``: its fingerprint and what it measured), and a later build with the
@@ -196,7 +221,7 @@ class _Stages:
         self.chain = f"seed={seed}"
 
     def run(self, name: str, config: Any, build: Callable[[], Any]) -> Any:
-        self.chain = hashlib.sha256(f"{self.chain}|{name}|{config!r}".encode()).hexdigest()
+        self.chain = _next_fingerprint(self.chain, name, config)
         marker = self.directory / f".pocket-{name}.json"
         try:
             saved = json.loads(marker.read_text())
