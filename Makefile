@@ -18,9 +18,9 @@ $(BIN)/gill: pyproject.toml client/pyproject.toml
 install: $(BIN)/gill
 
 # The main job on the embedded defaults: start Triton on loopback with the pocket model (gill/data/pocket), hold a
-# two-turn conversation over gRPC (a retrieved image, then a generated one, saved to outputs/), stop the server.
+# two-turn conversation over gRPC (the second asks for a scene held out of training; images saved to outputs/).
 demo: install
-	$(BIN)/gill run "show me a red circle" "draw a blue circle on a green background" --served --scheduler dpm++ --steps 20 --seed 1 --out outputs
+	$(BIN)/gill run "show me a red circle on a blue background" "draw a blue circle on a green background" --served --scheduler dpm++ --steps 20 --seed 1 --out outputs
 
 test: install
 	$(BIN)/python -m pytest -q
