@@ -55,6 +55,6 @@ def test_a_caption_names_the_colour_of_the_input_image(probe):
 
 def test_a_heldout_combination_generates_better_than_chance(probe):
     """Scenes no training set held: the generated image is judged right more often than a random guess."""
-    rate = probe.generate(heldout_prompts(probe.world, verb="draw"))
+    rate = probe.generate(heldout_prompts(probe.world, verb="draw")[::2])  # 8 of the 16: denoising is the slow part
     assert rate.images == rate.prompts, rate
     assert rate.colour > 1 / 8 and rate.colour_and_shape > 1 / 24, rate
