@@ -9,16 +9,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from gill.cli_common import console, fail
 from gill.errors import GillError
+from gill.evaluation.commands import eval_app
 from gill.options import DEFAULT_SCHEDULER
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="GILL: interleaved image-and-text dialogue.")
-console = Console(stderr=True, soft_wrap=True)  # soft wrap: paths in messages stay whole
-
-
-def _fail(error: Exception) -> None:
-    console.print(f"[red]error:[/red] {error}")
-    raise typer.Exit(2)
 
 
 @app.command()
@@ -29,7 +25,7 @@ def describe(config: Annotated[Path, typer.Argument(help="model_args.json or a c
     try:
         description = build(config)
     except GillError as error:
-        _fail(error)
+        fail(error)
     table = Table(title=f"GILL: {description.args.opt_version} + {description.args.visual_encoder}")
     for column in ("module", "structure", "parameters", "kind"):
         table.add_column(column, justify="right" if column == "parameters" else "left")
@@ -48,7 +44,7 @@ def convert(directory: Annotated[Path, typer.Argument(help="directory holding th
     try:
         written = convert_directory(directory)
     except GillError as error:
-        _fail(error)
+        fail(error)
     for path in written:
         print(f"wrote {path}")
 
@@ -67,7 +63,7 @@ def verify(
             print(f"wrote {write_checksums(directory)}")
         result = verify_checkpoint(directory, full=not record)
     except GillError as error:
-        _fail(error)
+        fail(error)
     if result.listed:
         print(f"{CHECKSUMS_FILE}: {result.listed} files ok ({result.hashed} hashed, {result.hashed_bytes:,} bytes); "
               "shapes ok")
@@ -89,7 +85,7 @@ def make_tiny(
         with console.status(f"building the {preset} checkpoint"):
             make_checkpoint(directory, seed=seed, preset=preset)
     except GillError as error:
-        _fail(error)
+        fail(error)
     print(f"built {preset} checkpoint in {directory}")
 
 
@@ -110,7 +106,7 @@ def download(
         for path in convert_directory(directory):
             print(f"wrote {path}")
     except GillError as error:
-        _fail(error)
+        fail(error)
 
 
 @app.command()
@@ -135,7 +131,7 @@ def ingest(
         console.print(f"{len(corpus):,} rows of {corpus.vectors.shape[1]}-d vectors -> {uri} ({collection})")
         report = run_ingest(corpus, uri, collection, progress=not quiet)
     except (GillError, OSError, ValueError) as error:
-        _fail(error)
+        fail(error)
     print(f"wrote {report.written:,} rows, {report.skipped:,} already present; {report.total:,} in {collection} "
           f"({report.insert_s:.1f} s); index {report.index} ({report.index_s:.1f} s); loaded")
 
@@ -229,7 +225,7 @@ def run(
                         builder.add(typed)
                 history += [message, builder.reply().as_message()]
     except (GillError, OSError) as error:
-        _fail(error)
+        fail(error)
 
 
 def _show_question(renderer, message, turns: int) -> None:
@@ -302,7 +298,7 @@ def serve(
         with console.status(f"starting Triton with {checkpoint} (log: {server.log_path})"):
             endpoints = server.start(timeout)
     except GillError as error:
-        _fail(error)
+        fail(error)
     scheme = "grpcs://" if server.tls else ""
     print(f"gRPC    {scheme}{endpoints.grpc}   (model 'gill': gill.v1.ChatRequest in, gill.v1.ChatEvent stream out)")
     print(f"HTTP    {endpoints.http}")
@@ -366,151 +362,10 @@ def demo(
                       min_word_tokens=min_word_tokens, preview_every=preview_every, seed=seed)
         app_demo = Demo(Connection(url, api_key, tls_settings or False), knobs)
     except (OSError, ValueError) as error:
-        _fail(error)
+        fail(error)
     print(f"web demo on http://{host}:{port} (GILL server: {url})", flush=True)
     app_demo.launch(host, port)
-
-
-eval_app = typer.Typer(no_args_is_help=True, help="Reproduce the paper's evaluations (docs/evaluation.md).")
 app.add_typer(eval_app, name="eval")
-
-_CONTEXT_HELP = ("context given before the forced image: captions-images (5 captions + 4 images), captions (the 5 "
-                 "captions), caption (the 5th caption); repeatable")
-
-
-def _eval_inputs(sis: Path, images: Path | None, checkpoint: Path, device: str | None, generation: bool):
-    """The split, its image folder and the in-process pipeline (retrieval corpus never loaded, as the reference)."""
-    from gill.evaluation.datasets import ImageFolder, read_vist_sis
-    from gill.pipeline import Pipeline
-
-    split = read_vist_sis(sis)
-    folder = ImageFolder(images or sis.parent / "val_images")
-    with console.status(f"loading {checkpoint}"):
-        pipeline = Pipeline.from_checkpoint(checkpoint, device=device, load_retrieval=False,
-                                            load_diffusion=generation)
-    return split, folder, pipeline
-
-
-def _eval_header(name: str, data: Path, checkpoint: Path, device: str | None, dataset: str = "VIST SIS") -> dict:
-    from gill.evaluation.report import checkpoint_identity, started, versions
-
-    return {"eval": name, "dataset": {"name": dataset, "path": str(data.resolve())},
-            "checkpoint": checkpoint_identity(checkpoint), "versions": versions(), "device": device or "auto",
-            **started()}
-
-
-@eval_app.command("vist")
-def eval_vist(
-    sis: Annotated[Path, typer.Argument(help="the VIST SIS split in its official format, e.g. "
-                                             "sis/val.story-in-sequence.json")],
-    checkpoint: Annotated[Path, typer.Option(help="GILL checkpoint directory (in-process)")],
-    clip: Annotated[Path, typer.Option(help="local copy of openai/clip-vit-large-patch14 (the full CLIPModel): "
-                                            "the CLIP similarity model")],
-    images: Annotated[Path | None, typer.Option(help="folder of <photo_flickr_id>.png (default: val_images "
-                                                     "beside SIS)")] = None,
-    lpips_alexnet: Annotated[Path | None, typer.Option(help="torchvision's ImageNet AlexNet state dict "
-                                                            "(alexnet-owt-7be5be79.pth), the LPIPS trunk; without "
-                                                            "it LPIPS is not computed")] = None,
-    out: Annotated[Path, typer.Option(help="result.json, result.md and the generated images go here")]
-    = Path("outputs/eval/vist"),
-    context: Annotated[list[str] | None, typer.Option(help=_CONTEXT_HELP)] = None,
-    max_stories: Annotated[int | None, typer.Option(help="only the first N usable stories")] = None,
-    seed: Annotated[int, typer.Option(help="diffusion seed of every story (the reference's: 42)")] = 42,
-    steps: Annotated[int, typer.Option(help="denoising steps (the reference's: 50)")] = 50,
-    guidance_scale: float = 7.5,
-    scheduler: Annotated[str, typer.Option(help="pndm (the reference's) or dpm++")] = "pndm",
-    device: Annotated[str | None, typer.Option(help="cpu, cuda ... (default: cuda if present)")] = None,
-    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
-) -> None:
-    """VIST contextual image generation (paper Table 1): CLIP similarity and LPIPS of the forced 5th image."""
-    from gill.evaluation import report
-    from gill.evaluation.metrics import ClipSimilarity, Lpips
-    from gill.evaluation.vist import VistSettings, evaluate_vist, pipeline_generator
-
-    try:
-        settings = VistSettings(contexts=tuple(context or ("captions-images",)), seed=seed,
-                                guidance_scale=guidance_scale, num_inference_steps=steps, scheduler=scheduler,
-                                max_stories=max_stories)
-        header = _eval_header("vist", sis, checkpoint, device)
-        metric = ClipSimilarity.from_directory(clip, device)
-        distance = Lpips.from_alexnet(lpips_alexnet, device) if lpips_alexnet is not None else None
-        split, folder, pipeline = _eval_inputs(sis, images, checkpoint, device, generation=True)
-        body = evaluate_vist(split, folder, pipeline_generator(pipeline), metric, distance, settings, out,
-                             progress=not quiet)
-    except (GillError, OSError) as error:
-        _fail(error)
-    notes = []
-    if distance is None:
-        notes.append("LPIPS not computed: give --lpips-alexnet (torchvision's alexnet-owt-7be5be79.pth)")
-    elif not distance.describe()["alexnet_is_torchvision_imagenet"]:
-        notes.append("LPIPS trunk is not torchvision's ImageNet AlexNet: LPIPS not comparable to the paper")
-    result = header | {"metrics": {"clip_similarity": metric.describe(),
-                                   "lpips": distance.describe() if distance is not None else None},
-                       "notes": notes} | body
-    json_path, markdown_path = report.write(out, result, report.vist_markdown(result))
-    print(markdown_path.read_text())
-    print(f"wrote {json_path} and {markdown_path}")
-
-
-@eval_app.command("retrieval")
-def eval_retrieval(
-    sis: Annotated[Path, typer.Argument(help="the VIST SIS split in its official format")],
-    checkpoint: Annotated[Path, typer.Option(help="GILL checkpoint directory (in-process)")],
-    images: Annotated[Path | None, typer.Option(help="folder of <photo_flickr_id>.png (default: val_images "
-                                                     "beside SIS)")] = None,
-    out: Annotated[Path, typer.Option(help="result.json and result.md go here")] = Path("outputs/eval/retrieval"),
-    context: Annotated[list[str] | None, typer.Option(help=_CONTEXT_HELP)] = None,
-    max_stories: Annotated[int | None, typer.Option(help="only the first N usable stories")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda ... (default: cuda if present)")] = None,
-    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
-) -> None:
-    """VIST contextual image retrieval (paper Table 5): recall@1/5/10 among the split's photos."""
-    from gill.evaluation import report
-    from gill.evaluation.retrieval import RetrievalSettings, evaluate_vist_retrieval
-
-    try:
-        settings = RetrievalSettings(contexts=tuple(context or ("captions-images",)), max_stories=max_stories)
-        header = _eval_header("vist_retrieval", sis, checkpoint, device)
-        split, folder, pipeline = _eval_inputs(sis, images, checkpoint, device, generation=False)
-        body = evaluate_vist_retrieval(split, folder, pipeline, settings, progress=not quiet)
-    except (GillError, OSError) as error:
-        _fail(error)
-    result = header | body
-    json_path, markdown_path = report.write(out, result, report.retrieval_markdown(result))
-    print(markdown_path.read_text())
-    print(f"wrote {json_path} and {markdown_path}")
-
-
-@eval_app.command("decision")
-def eval_decision(
-    checkpoint: Annotated[Path, typer.Argument(help="GILL checkpoint directory with a decision head "
-                                                    "(decision_model.safetensors)")],
-    annotations: Annotated[Path, typer.Argument(help="PartiPrompts decision TSV: Prompt + Decisions (raw votes) "
-                                                     "or Prompt + Decision (confident labels)")],
-    split: Annotated[str, typer.Option(help="validation (the confident rows after the first --train-size, the "
-                                            "reference's) or all (every confident row)")] = "validation",
-    train_size: Annotated[int, typer.Option(help="the first N gen/ret rows are the training split")] = 600,
-    out: Annotated[Path, typer.Option(help="result.json and result.md go here")] = Path("outputs/eval/decision"),
-    batch_size: Annotated[int, typer.Option(help="prompts per LM forward while extracting features")] = 32,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda ... (default: cuda if present)")] = None,
-    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
-) -> None:
-    """Retrieve-or-generate decision: macro-F1 of the checkpoint's head on PartiPrompts labels (no training)."""
-    from gill.evaluation import report
-    from gill.evaluation.decision import DecisionEvalSettings, evaluate_decision, load_model
-
-    try:
-        settings = DecisionEvalSettings(split=split, train_size=train_size, batch_size=batch_size)
-        header = _eval_header("decision", annotations, checkpoint, device, dataset="PartiPrompts decisions")
-        with console.status(f"loading {checkpoint}"):
-            model = load_model(checkpoint, device)
-        body = evaluate_decision(model, annotations, settings, progress=not quiet)
-    except (GillError, OSError) as error:
-        _fail(error)
-    result = header | body
-    json_path, markdown_path = report.write(out, result, report.decision_markdown(result))
-    print(markdown_path.read_text())
-    print(f"wrote {json_path} and {markdown_path}")
 
 
 # ---------------------------------------------------------------------------------------------------- training
@@ -629,7 +484,7 @@ def train_command(
             shuffle_buffer=shuffle_buffer, tensorboard=tensorboard, progress=not quiet, **text)
         result = train(config)
     except (GillError, OSError) as error:
-        _fail(error)
+        fail(error)
     if rank == 0:
         print(json.dumps(result.as_dict(), indent=2))
         console.print(f"trained to step {result.steps}; serving checkpoint: {result.export_dir}"
@@ -665,7 +520,7 @@ def train_decision_command(
         result = train_decision(checkpoint, annotations, config, output=output, write=write, device=device,
                                 progress=not quiet)
     except (GillError, OSError) as error:
-        _fail(error)
+        fail(error)
     table = Table(title="decision head (0 = gen, 1 = ret)")
     for column in ("split", "macro-F1", "accuracy", "gen", "ret"):
         table.add_column(column, justify="left" if column == "split" else "right")
@@ -695,7 +550,7 @@ def preprocess_sd_targets_command(
         counts = preprocess_sd_targets(data, checkpoint, out, batch_size=batch_size, device=device,
                                        progress=not quiet)
     except (GillError, OSError) as error:
-        _fail(error)
+        fail(error)
     print(f"wrote {counts.written:,} targets to {out}; {counts.skipped_existing:,} already complete, "
           f"{counts.failed:,} captions failed")
 
@@ -717,7 +572,7 @@ def make_shapes_data(
         dataset = make_shapes_dataset(out, train, val, image_size=image_size, seed=seed, shards=shards,
                                       samples_per_shard=samples_per_shard)
     except (GillError, OSError) as error:
-        _fail(error)
+        fail(error)
     print(f"wrote {dataset.train_tsv} ({train} pairs) and {dataset.val_tsv} ({val} pairs), images in "
           f"{dataset.image_dir / 'images'}")
     for split, written in (("train", dataset.train_shards), ("val", dataset.val_shards)):
@@ -747,7 +602,7 @@ def make_pocket(
     try:
         build(directory, config.quick() if quick else config)
     except (GillError, OSError) as error:
-        _fail(error)
+        fail(error)
     print(f"built the pocket checkpoint in {directory}; what each stage measured: {directory / 'pocket.json'}")
 
 

@@ -93,6 +93,8 @@ def test_eval_vist_end_to_end(tmp_path, vist, metric_models, tiny_dir):
     assert len(data["stories"]) == 4
     markdown = (out / "result.md").read_text()
     assert "0.641" in markdown and "5 captions + 4 images" in markdown and "not comparable" in markdown
+    # grid.png: the 2 evaluated stories x (4 context photos, 2 generated, truth) at 128 px (gill.evaluation.plots)
+    assert Image.open(out / "grid.png").size == (7 * 128, 20 + 2 * (16 + 128))
 
 
 def test_eval_vist_refuses_a_clip_without_projection(tmp_path, vist, tiny_dir):

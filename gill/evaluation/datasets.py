@@ -57,13 +57,23 @@ class VistStory:
         return [item.image_id for item in self.items]
 
 
+# Flickr size fields an ``images`` entry may carry, best first: ``url_o`` (the original, what the reference
+# downloads) and the smaller renditions some entries have instead (``url_m`` is 500 px on the long side, still more
+# than the 224x224 every eval squashes to).
+URL_FIELDS = ("url_o", "url_l", "url_c", "url_z", "url_m")
+
+
 @dataclass(frozen=True)
 class VistSplit:
-    """A split's stories (in file order) and the photos' URLs (``url_o``, as the reference downloads)."""
+    """A split's stories (in file order) and the photos' URLs (``url_o``, as the reference downloads).
+
+    ``image_url_options``: every URL of a photo among :data:`URL_FIELDS`, best first (``url_o`` when present).
+    """
 
     path: Path
     stories: tuple[VistStory, ...]
     image_urls: dict[str, str] = field(repr=False)
+    image_url_options: dict[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
 
     @property
     def image_ids(self) -> list[str]:
@@ -100,13 +110,19 @@ def read_vist_sis(path: str | Path) -> VistSplit:
         stories.setdefault(str(sentence["story_id"]), []).append(VistItem(
             str(sentence["photo_flickr_id"]), str(sentence["text"]),
             str(sentence.get("original_text", sentence["text"])), order))
-    urls = {}
+    urls, options = {}, {}
     for image in data.get("images", []):
-        if isinstance(image, dict) and "id" in image and image.get("url_o"):
+        if not (isinstance(image, dict) and "id" in image):
+            continue
+        if image.get("url_o"):
             urls[str(image["id"])] = str(image["url_o"])
+        found = tuple(dict.fromkeys(str(image[key]) for key in URL_FIELDS if isinstance(image.get(key), str)
+                                    and image[key]))
+        if found:
+            options[str(image["id"])] = found
     ordered = tuple(VistStory(story_id, tuple(sorted(items, key=lambda item: item.order)))
                     for story_id, items in stories.items())
-    return VistSplit(path, ordered, urls)
+    return VistSplit(path, ordered, urls, options)
 
 
 def squash(image: Image.Image, size: int = SQUASH_SIZE) -> Image.Image:

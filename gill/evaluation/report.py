@@ -26,6 +26,14 @@ PAPER = {
         "captions-images": {"r@1": 20.3, "r@5": 45.0, "r@10": 53.7,
                             "source": "third-party (reprint of the paper's Table 5)"},
     },
+    "visdial": {  # Table 2, GILL row, by rounds of dialogue fed: CLIP image-image similarity, LPIPS
+        "1": {"clip_similarity": 0.528, "lpips": 0.742, "source": "unverified"},
+        "5": {"clip_similarity": 0.621, "lpips": 0.718, "source": "unverified"},
+        "10": {"clip_similarity": 0.645, "lpips": 0.714, "source": "unverified"},
+    },
+    "fid": {  # MS-COCO zero-shot FID, 30K val2014 captions (the paper does not say which FID tool or mode)
+        "coco-30k": {"fid": 12.2, "source": "third-party (LaVIT README table)"},
+    },
     "decision": {  # not a table of the paper: the reference's notebook, validation split (600 train / 311 val)
         "validation_macro_f1": 0.54, "human_macro_f1": 0.851,
         "source": "the reference's TrainDecisionClassifier.ipynb (kohjingyu/gill): validation macro-F1 'about 0.54' "
@@ -33,7 +41,8 @@ PAPER = {
     },
 }
 
-_PACKAGES = ("torch", "torchvision", "transformers", "diffusers", "lpips", "numpy", "pillow", "gill")
+_PACKAGES = ("torch", "torchvision", "transformers", "diffusers", "lpips", "clean-fid", "numpy", "pillow",
+             "gill")
 
 
 def versions() -> dict[str, str | None]:
@@ -158,4 +167,65 @@ def decision_markdown(result: dict[str, Any]) -> str:
              f"scored (labels gen {counts['labels']['gen']} / ret {counts['labels']['ret']}; predicted gen "
              f"{counts['predicted']['gen']} / ret {counts['predicted']['ret']}).", "",
              f"Reference numbers: {paper['source']}.", ""]
+    return "\n".join(lines)
+
+
+def visdial_markdown(result: dict[str, Any]) -> str:
+    """The VisDial generation table: ours beside the paper's GILL row, per round count."""
+    settings, counts = result["settings"], result["counts"]
+    caption = "caption line first (a variant, not the paper's prompt)" if settings["include_caption"] else \
+        "no caption (the reference's prompt)"
+    lines = [f"# VisDial contextual image generation ({result['dataset']['path']})", "",
+             f"Checkpoint `{result['checkpoint']['path']}` (SHA256SUMS sha256 "
+             f"`{str(result['checkpoint']['sha256sums_sha256'])[:16]}`), seed {settings['seed']}, "
+             f"{settings['num_inference_steps']} {settings['scheduler']} steps, guidance {settings['guidance_scale']}; "
+             f"text only, {caption}.", "",
+             "| rounds | CLIP similarity (ours) | paper | LPIPS (ours) | paper | dialogs scored |",
+             "|---|---|---|---|---|---|"]
+    for rounds, row in result["results"].items():
+        paper = PAPER["visdial"].get(rounds, {}) if not settings["include_caption"] else {}
+        lpips_mean = row["lpips"]["mean"] if row.get("lpips") else None
+        lines.append(f"| {rounds} | {_number(row['clip_similarity']['mean'])} | "
+                     f"{_number(paper.get('clip_similarity'))} | {_number(lpips_mean)} | {_number(paper.get('lpips'))} "
+                     f"| {row['scored']} |")
+    lines += ["", f"Dialogs: {counts['dialogs']} in the file, {counts['evaluated']} evaluated, "
+                  f"{counts['skipped_too_few_rounds']} skipped for too few rounds, {counts['skipped_missing_images']} "
+                  f"for a missing or unreadable image ({counts['images_missing']} missing, "
+                  f"{counts['images_unreadable']} unreadable)."]
+    notes = result.get("notes") or []
+    lines += [""] + [f"- {note}" for note in notes] if notes else []
+    lines += ["", "Paper numbers (Table 2, GILL): " + "; ".join(f"{k} rounds: {p['source']}"
+                                                              for k, p in PAPER["visdial"].items()), ""]
+    return "\n".join(lines)
+
+
+def fid_markdown(result: dict[str, Any]) -> str:
+    """FID with everything that changes it stated: tool, mode, Inception weights, reference folder, sample counts."""
+    fid, settings = result["results"], result["settings"]
+    reference = fid["reference"]
+    generation = result.get("generation")
+    source = (f"{generation['captions']} captions of `{result['dataset']['path']}` (seed {settings['seed']}, "
+              f"{settings['num_inference_steps']} {settings['scheduler']} steps, guidance {settings['guidance_scale']})"
+              if generation else f"the images in `{result['generated_path']}`")
+    paper = PAPER["fid"]["coco-30k"]
+    sizes = ", ".join(f"{size} x{count}" for size, count in fid["generated_sizes"].items())
+    cached = "read from the cache" if reference["cached"] else "computed and cached"
+    tool = result["fid_tool"]
+    lines = [f"# FID ({result['fid_tool']['implementation']}, mode {settings['mode']})", "",
+             "| | FID | generated images | reference images |", "|---|---|---|---|",
+             f"| ours | {_number(fid['fid'], 2)} | {fid['generated_images']} | {reference['images']} |",
+             f"| paper, MS-COCO zero-shot | {_number(paper['fid'], 1)} | 30,000 (val2014 captions) | COCO val2014 |",
+             "", f"Generated from {source}; sizes {sizes}."
+             + (" clean-fid resizes every image, generated and real, to 299x299 (PIL bicubic in float, no crop)."
+                if settings["mode"] == "clean" else ""),
+             f"Reference: `{reference['directory']}`, statistics {cached} (`{reference['stats_file']}`).",
+             f"Feature extractor: {tool['implementation']}"
+             + (f", `{tool['file']}` (sha256 `{str(tool.get('sha256'))[:16]}`)." if tool.get("file") else ".")]
+    if generation:
+        lines.append(f"Captions: {generation['captions']} ({generation['generated']} generated now, "
+                     f"{generation['reused']} kept from an earlier run, {generation['no_image']} without an image).")
+    notes = result.get("notes") or []
+    lines += [""] + [f"- {note}" for note in notes] if notes else []
+    lines += ["", f"Paper number: {paper['source']}; the paper does not say which FID tool, mode or reference "
+                  "preprocessing it used, so compare with care.", ""]
     return "\n".join(lines)

@@ -18,7 +18,7 @@ order or on ``--max-stories``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from PIL import Image
 
 from gill.errors import InputError
 from gill.evaluation.datasets import ImageFolder, VistSplit, VistStory, squash
+from gill.evaluation.generation import Generate, PairScores, forced_generation_options
 from gill.options import GenerationOptions
 
 CONTEXTS = {"captions-images": "5 captions + 4 images", "captions": "5 captions", "caption": "1 caption"}
@@ -39,9 +40,6 @@ def check_selection(contexts: tuple[str, ...], max_stories: int | None) -> None:
         raise InputError(f"contexts {list(contexts)}: choose one or more of {list(CONTEXTS)}")
     if max_stories is not None and max_stories < 1:
         raise InputError(f"max_stories={max_stories}: give at least 1, or None for all")
-
-# parts, options -> the generated image or None (no image came back)
-Generate = Callable[[list[str | Image.Image], GenerationOptions], Image.Image | None]
 
 
 @dataclass(frozen=True)
@@ -62,9 +60,7 @@ class VistSettings:
 
     def options(self) -> GenerationOptions:
         """The forced-generation options of every story (``num_words=2, gen_scale_factor=1e5``)."""
-        return GenerationOptions(max_new_tokens=2, gen_scale_factor=1e5, max_images=1, allow_retrieval=False,
-                                 seed=self.seed, guidance_scale=self.guidance_scale,
-                                 num_inference_steps=self.num_inference_steps, scheduler=self.scheduler)
+        return forced_generation_options(self.seed, self.guidance_scale, self.num_inference_steps, self.scheduler)
 
 
 def story_parts(story: VistStory, images: Sequence[Image.Image], context: str) -> list[str | Image.Image]:
@@ -78,19 +74,6 @@ def story_parts(story: VistStory, images: Sequence[Image.Image], context: str) -
     for caption, image in zip(captions[:-1], images[:4]):
         parts += [caption, image]
     return parts + [captions[-1]]
-
-
-def pipeline_generator(pipeline) -> Generate:
-    """In-process generation with a :class:`gill.pipeline.Pipeline`: the first generated image of the turn."""
-    from gill.events import ImageResult
-
-    def generate(parts: list[str | Image.Image], options: GenerationOptions) -> Image.Image | None:
-        for event in pipeline.stream(parts, options):
-            if isinstance(event, ImageResult) and event.source == "generated":
-                return event.image
-        return None
-
-    return generate
 
 
 def usable_stories(split: VistSplit, folder: ImageFolder, squash_size: int, limit: int | None
@@ -117,36 +100,17 @@ def evaluate_vist(split: VistSplit, folder: ImageFolder, generate: Generate, cli
     ``out/generated/<context>/<target photo id>.png`` when ``out`` is given."""
     from tqdm import tqdm
 
-    from gill.evaluation.report import summary
-
     stories, skipped = usable_stories(split, folder, settings.squash_size, settings.max_stories)
     options = settings.options()
     results, records = {}, []
     for context in settings.contexts:
-        clip_values, lpips_values, failed = [], [], 0
-        directory = out / "generated" / context if out is not None else None
-        if directory is not None:
-            directory.mkdir(parents=True, exist_ok=True)
+        scores = PairScores(clip, lpips, out / "generated" / context if out is not None else None)
         for story, images in tqdm(stories, desc=f"VIST {context}", disable=not progress, unit="story"):
             target_id = story.image_ids[-1]
             generated = generate(story_parts(story, images[:4], context), options)
-            record: dict[str, Any] = {"context": context, "story_id": story.story_id, "target": target_id}
-            if generated is None:
-                failed += 1
-                record["error"] = "no image generated"
-                records.append(record)
-                continue
-            if directory is not None:
-                generated.save(directory / f"{target_id}.png")
-            record["clip_similarity"] = float(clip([generated], [images[-1]])[0])
-            clip_values.append(record["clip_similarity"])
-            if lpips is not None:
-                record["lpips"] = float(lpips([generated], [images[-1]])[0])
-                lpips_values.append(record["lpips"])
-            records.append(record)
-        results[context] = {"clip_similarity": summary(clip_values),
-                            "lpips": summary(lpips_values) if lpips is not None else None,
-                            "scored": len(clip_values), "no_image": failed}
+            record = {"context": context, "story_id": story.story_id, "target": target_id}
+            records.append(scores.add(record, target_id, generated, images[-1]))
+        results[context] = scores.result()
     problems = folder.summary()
     counts = {"stories": len(split.stories), "evaluated": len(stories), "skipped_missing_images": skipped,
               "images_missing": problems["missing"], "images_unreadable": problems["unreadable"]}

@@ -206,14 +206,60 @@ class _Scores:
     skipped: int = 0
 
 
+def _views(objective: GILLObjective, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CLIP pooled outputs ``[B, vision_width]`` and the ``[IMG0..7]`` states ``[B, 8, lm_width]`` of
+    ``caption + [IMG0..7]`` (no image); call under the objective's autocast."""
+    pooled = objective.encode_images(batch.pixel_values)
+    _, states = objective.text_view(batch.input_ids, batch.attention_mask)
+    return pooled, states
+
+
+def _retrieval_rows(objective: GILLObjective, pooled: torch.Tensor, states: torch.Tensor
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    adapters = objective.adapters
+    return (adapters.text_retrieval_embedding(states).float().cpu().numpy(),
+            adapters.image_retrieval_embedding(pooled).float().cpu().numpy())
+
+
+@torch.no_grad()
+def retrieval_embeddings(objective: GILLObjective, batch: Batch) -> tuple[np.ndarray, np.ndarray]:
+    """The text-side and image-side retrieval vectors of a batch of pairs, ``[B, ret_emb_dim]`` float32 unit rows
+    each: the ``[IMG0]`` state of ``caption + [IMG0..7]`` through ``ret_text_hidden_fcs``, and ``visual_fc`` of the
+    CLIP pooled output. What validation scores retrieval with; ``batch`` must be on the objective's device."""
+    with torch.autocast(objective.device.type, dtype=torch.bfloat16, enabled=objective.uses_autocast):
+        return _retrieval_rows(objective, *_views(objective, batch))
+
+
+def retrieval_recalls(text: np.ndarray, image: np.ndarray, ks: Sequence[int] = (1, 5), chunk: int = 2048
+                      ) -> tuple[dict[int, float], dict[int, float]]:
+    """Text->image and image->text recall@k (in [0, 1]) among ``N`` pairs: row ``i`` of ``text`` ``[N, d]`` and
+    of ``image`` ``[N, d]`` (unit rows) belong together; every other row of the set is a distractor.
+
+    Scored ``chunk`` queries at a time, so a whole CC3M val set (about 13k pairs) never holds an ``N x N`` matrix;
+    the result does not depend on ``chunk``."""
+    if text.shape != image.shape or text.ndim != 2:
+        raise InputError(f"text {text.shape} and image {image.shape} embeddings must both be [N, d]")
+
+    def recalls(queries: np.ndarray, candidates: np.ndarray) -> dict[int, float]:
+        hits = dict.fromkeys(ks, 0)
+        for start in range(0, len(queries), chunk):
+            block = queries[start:start + chunk]
+            found = recall_at_k(block @ candidates.T, np.arange(start, start + len(block)), ks=ks)
+            for k in ks:
+                hits[k] += round(found[k] * len(block))
+        return {k: hits[k] / len(queries) for k in ks}
+
+    return recalls(text, image), recalls(image, text)
+
+
 def _score_batch(objective: GILLObjective, batch: Batch, prompt_ids: torch.Tensor,
                  tokenizer: PreTrainedTokenizerBase, scores: _Scores) -> None:
     adapters = objective.adapters
     with torch.autocast(objective.device.type, dtype=torch.bfloat16, enabled=objective.uses_autocast):
-        pooled = objective.encode_images(batch.pixel_values)
-        _, states = objective.text_view(batch.input_ids, batch.attention_mask)
-        scores.text.append(adapters.text_retrieval_embedding(states).float().cpu().numpy())
-        scores.image.append(adapters.image_retrieval_embedding(pooled).float().cpu().numpy())
+        pooled, states = _views(objective, batch)
+        text, image = _retrieval_rows(objective, pooled, states)
+        scores.text.append(text)
+        scores.image.append(image)
         prefix = adapters.visual_prefix(pooled)
         caption_ce = objective.caption_loss(prefix, batch.input_ids, batch.attention_mask, concat=False)
         scores.caption_ce.append((float(caption_ce), len(batch)))
@@ -272,9 +318,7 @@ def _summarise(parts: list[_Scores]) -> ValidationMetrics:
     order = np.argsort(indices, kind="stable")
     text = np.concatenate([t for part in parts for t in part.text])[order]
     image = np.concatenate([t for part in parts for t in part.image])[order]
-    targets = np.arange(len(indices))
-    text_to_image = recall_at_k(text @ image.T, targets, ks=(1, 5))
-    image_to_text = recall_at_k(image @ text.T, targets, ks=(1, 5))
+    text_to_image, image_to_text = retrieval_recalls(text, image, ks=(1, 5))
     hypotheses = [h for part in parts for h in part.hypotheses]
     references = [r for part in parts for r in part.references]
     bleu = corpus_bleu([hypotheses[i] for i in order], [references[i] for i in order])

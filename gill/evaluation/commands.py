@@ -1,0 +1,358 @@
+"""``gill eval ...``: the paper's evaluations, one command each (docs/evaluation.md). Registered by gill.cli."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from gill.cli_common import console, fail
+from gill.errors import GillError
+
+eval_app = typer.Typer(no_args_is_help=True, help="Reproduce the paper's evaluations (docs/evaluation.md).")
+
+_CONTEXT_HELP = ("context given before the forced image: captions-images (5 captions + 4 images), captions (the 5 "
+                 "captions), caption (the 5th caption); repeatable")
+
+
+def _eval_inputs(sis: Path, images: Path | None, checkpoint: Path, device: str | None, generation: bool):
+    """The split, its image folder and the in-process pipeline (retrieval corpus never loaded, as the reference)."""
+    from gill.evaluation.datasets import ImageFolder, read_vist_sis
+
+    split = read_vist_sis(sis)
+    folder = ImageFolder(images or sis.parent / "val_images")
+    return split, folder, _eval_pipeline(checkpoint, device, generation)
+
+
+def _eval_header(name: str, data: Path, checkpoint: Path, device: str | None, dataset: str = "VIST SIS") -> dict:
+    from gill.evaluation.report import checkpoint_identity, started, versions
+
+    return {"eval": name, "dataset": {"name": dataset, "path": str(data.resolve())},
+            "checkpoint": checkpoint_identity(checkpoint), "versions": versions(), "device": device or "auto",
+            **started()}
+
+
+@eval_app.command("vist")
+def eval_vist(
+    sis: Annotated[Path, typer.Argument(help="the VIST SIS split in its official format, e.g. "
+                                             "sis/val.story-in-sequence.json")],
+    checkpoint: Annotated[Path, typer.Option(help="GILL checkpoint directory (in-process)")],
+    clip: Annotated[Path, typer.Option(help="local copy of openai/clip-vit-large-patch14 (the full CLIPModel): "
+                                            "the CLIP similarity model")],
+    images: Annotated[Path | None, typer.Option(help="folder of <photo_flickr_id>.png (default: val_images "
+                                                     "beside SIS)")] = None,
+    lpips_alexnet: Annotated[Path | None, typer.Option(help="torchvision's ImageNet AlexNet state dict "
+                                                            "(alexnet-owt-7be5be79.pth), the LPIPS trunk; without "
+                                                            "it LPIPS is not computed")] = None,
+    out: Annotated[Path, typer.Option(help="result.json, result.md and the generated images go here")]
+    = Path("outputs/eval/vist"),
+    context: Annotated[list[str] | None, typer.Option(help=_CONTEXT_HELP)] = None,
+    max_stories: Annotated[int | None, typer.Option(help="only the first N usable stories")] = None,
+    seed: Annotated[int, typer.Option(help="diffusion seed of every story (the reference's: 42)")] = 42,
+    steps: Annotated[int, typer.Option(help="denoising steps (the reference's: 50)")] = 50,
+    guidance_scale: float = 7.5,
+    scheduler: Annotated[str, typer.Option(help="pndm (the reference's) or dpm++")] = "pndm",
+    grid_stories: Annotated[int, typer.Option(help="stories drawn in grid.png (context photos, generated image, "
+                                                   "truth); 0: no grid")] = 8,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda ... (default: cuda if present)")] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+) -> None:
+    """VIST contextual image generation (paper Table 1): CLIP similarity and LPIPS of the forced 5th image."""
+    from gill.evaluation import report
+    from gill.evaluation.generation import load_metrics, metrics_section, pipeline_generator
+    from gill.evaluation.plots import GRID_FILE, vist_grid
+    from gill.evaluation.vist import VistSettings, evaluate_vist
+
+    try:
+        settings = VistSettings(contexts=tuple(context or ("captions-images",)), seed=seed,
+                                guidance_scale=guidance_scale, num_inference_steps=steps, scheduler=scheduler,
+                                max_stories=max_stories)
+        header = _eval_header("vist", sis, checkpoint, device)
+        metric, distance = load_metrics(clip, lpips_alexnet, device)
+        split, folder, pipeline = _eval_inputs(sis, images, checkpoint, device, generation=True)
+        body = evaluate_vist(split, folder, pipeline_generator(pipeline), metric, distance, settings, out,
+                             progress=not quiet)
+    except (GillError, OSError) as error:
+        fail(error)
+    result = header | metrics_section(metric, distance) | body
+    json_path, markdown_path = report.write(out, result, report.vist_markdown(result))
+    print(markdown_path.read_text())
+    print(f"wrote {json_path} and {markdown_path}")
+    try:
+        grid = vist_grid(split, folder, body["stories"], settings.contexts, out / "generated", grid_stories,
+                         settings.squash_size)
+    except GillError as error:
+        fail(error)
+    if grid is not None:
+        grid.save(out / GRID_FILE)
+        print(f"wrote {out / GRID_FILE}")
+
+
+@eval_app.command("retrieval")
+def eval_retrieval(
+    sis: Annotated[Path, typer.Argument(help="the VIST SIS split in its official format")],
+    checkpoint: Annotated[Path, typer.Option(help="GILL checkpoint directory (in-process)")],
+    images: Annotated[Path | None, typer.Option(help="folder of <photo_flickr_id>.png (default: val_images "
+                                                     "beside SIS)")] = None,
+    out: Annotated[Path, typer.Option(help="result.json and result.md go here")] = Path("outputs/eval/retrieval"),
+    context: Annotated[list[str] | None, typer.Option(help=_CONTEXT_HELP)] = None,
+    max_stories: Annotated[int | None, typer.Option(help="only the first N usable stories")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda ... (default: cuda if present)")] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+) -> None:
+    """VIST contextual image retrieval (paper Table 5): recall@1/5/10 among the split's photos."""
+    from gill.evaluation import report
+    from gill.evaluation.retrieval import RetrievalSettings, evaluate_vist_retrieval
+
+    try:
+        settings = RetrievalSettings(contexts=tuple(context or ("captions-images",)), max_stories=max_stories)
+        header = _eval_header("vist_retrieval", sis, checkpoint, device)
+        split, folder, pipeline = _eval_inputs(sis, images, checkpoint, device, generation=False)
+        body = evaluate_vist_retrieval(split, folder, pipeline, settings, progress=not quiet)
+    except (GillError, OSError) as error:
+        fail(error)
+    result = header | body
+    json_path, markdown_path = report.write(out, result, report.retrieval_markdown(result))
+    print(markdown_path.read_text())
+    print(f"wrote {json_path} and {markdown_path}")
+
+
+@eval_app.command("fetch-vist")
+def eval_fetch_vist(
+    sis: Annotated[Path, typer.Argument(help="the VIST SIS split in its official format")],
+    out: Annotated[Path | None, typer.Option(help="folder the photos go to as <photo id>.png (default: val_images "
+                                                  "beside SIS, where the eval commands look)")] = None,
+    workers: Annotated[int, typer.Option(help="photos fetched at once")] = 8,
+    timeout: Annotated[float, typer.Option(help="seconds allowed for one URL, connect to last byte")] = 30.0,
+    retries: Annotated[int, typer.Option(help="further tries after a timeout, dropped connection, 429 or 5xx")] = 2,
+    max_bytes: Annotated[int, typer.Option(help="larger photos are refused")] = 32 * 1024 * 1024,
+    size: Annotated[int, typer.Option(help="squash to SIZE x SIZE as the reference (224); 0 keeps the original "
+                                           "size")] = 224,
+    max_photos: Annotated[int | None, typer.Option(help="only the first N photos of the split")] = None,
+    allow_private_addresses: Annotated[bool, typer.Option(
+        "--allow-private-addresses", help="also fetch from private and loopback addresses (a mirror on your own "
+                                          "network); refused by default")] = False,
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+) -> None:
+    """Download the photos of a VIST split (bounded, resumable); failures are listed in missing.json."""
+    from gill.evaluation.datasets import read_vist_sis
+    from gill.evaluation.fetch_vist import MISSING_FILE, FetchSettings, fetch_vist_photos
+
+    folder = out or sis.parent / "val_images"
+    try:
+        settings = FetchSettings(workers=workers, timeout_s=timeout, retries=retries, max_bytes=max_bytes,
+                                 size=size, max_photos=max_photos, allow_private=allow_private_addresses)
+        split = read_vist_sis(sis)
+        summary = fetch_vist_photos(split, folder, settings, progress=not quiet)
+    except (GillError, OSError) as error:
+        fail(error)
+    print(f"{summary.photos} photos: {summary.present} already present, {summary.fetched} fetched, "
+          f"{summary.failed} failed ({summary.no_url} without a URL); {summary.retried} retries; "
+          f"{summary.fallback_urls} from a smaller size than url_o")
+    print(f"photos in {folder}; failures listed in {folder / MISSING_FILE}")
+    if summary.failed and summary.failed == summary.photos:
+        console.print("[red]error:[/red] no photo could be fetched; see the reasons in "
+                      f"{folder / MISSING_FILE}")
+        raise typer.Exit(1)
+
+
+@eval_app.command("cc3m-retrieval")
+def eval_cc3m_retrieval(
+    val_tsv: Annotated[Path, typer.Argument(help="CC3M validation set in the training TSV format (tab-separated, "
+                                                 "header with 'caption' and 'image')")],
+    checkpoint: Annotated[Path, typer.Option(help="GILL checkpoint directory")],
+    images: Annotated[Path | None, typer.Option(help="folder the TSV's 'image' paths are relative to (default: "
+                                                     "the TSV's folder)")] = None,
+    max_pairs: Annotated[int | None, typer.Option(help="only the first N rows of the TSV")] = None,
+    out: Annotated[Path, typer.Option(help="result.json and result.md go here")] = Path("outputs/eval/cc3m"),
+    batch_size: Annotated[int, typer.Option(help="pairs per forward")] = 32,
+    num_workers: Annotated[int, typer.Option(help="DataLoader workers decoding images")] = 0,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda ... (default: cuda if present)")] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+) -> None:
+    """CC3M-val text-to-image (and image-to-text) recall@1/5/10, as training validation scores retrieval."""
+    from gill.evaluation import report
+    from gill.evaluation.cc3m import Cc3mSettings, cc3m_markdown, evaluate_cc3m_retrieval
+    from gill.training.data import CaptionImageTSV, SampleEncoder
+    from gill.training.objective import GILLObjective
+
+    try:
+        settings = Cc3mSettings(max_pairs=max_pairs, batch_size=batch_size, num_workers=num_workers)
+        header = _eval_header("cc3m_retrieval", val_tsv, checkpoint, device, dataset="CC3M validation")
+        with console.status(f"loading {checkpoint}"):
+            encoder = SampleEncoder.from_checkpoint(checkpoint)
+            dataset = CaptionImageTSV(val_tsv, encoder, image_dir=images)
+            objective = GILLObjective.from_checkpoint(checkpoint, device=device)
+        body = evaluate_cc3m_retrieval(objective, dataset, settings, progress=not quiet)
+    except (GillError, OSError) as error:
+        fail(error)
+    result = header | {"images": str((images or val_tsv.parent).resolve())} | body
+    json_path, markdown_path = report.write(out, result, cc3m_markdown(result))
+    print(markdown_path.read_text())
+    print(f"wrote {json_path} and {markdown_path}")
+
+
+def _eval_pipeline(checkpoint: Path, device: str | None, generation: bool):
+    """The in-process pipeline of an eval (retrieval corpus never loaded, as the reference)."""
+    from gill.pipeline import Pipeline
+
+    with console.status(f"loading {checkpoint}"):
+        return Pipeline.from_checkpoint(checkpoint, device=device, load_retrieval=False, load_diffusion=generation)
+
+
+@eval_app.command("visdial")
+def eval_visdial(
+    dialogs: Annotated[Path, typer.Argument(help="VisDial v1.0 dialogs in the official format, e.g. "
+                                                 "visdial_1.0_val.json")],
+    checkpoint: Annotated[Path, typer.Option(help="GILL checkpoint directory (in-process)")],
+    clip: Annotated[Path, typer.Option(help="local copy of openai/clip-vit-large-patch14 (the full CLIPModel): "
+                                            "the CLIP similarity model")],
+    images: Annotated[Path | None, typer.Option(help="folder of the dialogs' images, VisualDialog_val2018_<12-digit "
+                                                     "id>.jpg or <image_id>.jpg/.png (default: VisualDialog_<split>"
+                                                     "2018 beside DIALOGS)")] = None,
+    lpips_alexnet: Annotated[Path | None, typer.Option(help="torchvision's ImageNet AlexNet state dict "
+                                                            "(alexnet-owt-7be5be79.pth), the LPIPS trunk; without "
+                                                            "it LPIPS is not computed")] = None,
+    out: Annotated[Path, typer.Option(help="result.json, result.md and the generated images go here")]
+    = Path("outputs/eval/visdial"),
+    rounds: Annotated[list[int] | None, typer.Option(help="rounds of dialogue fed before the forced image (the "
+                                                          "paper's 1, 5, 10; default 10); repeatable")] = None,
+    caption: Annotated[bool, typer.Option(help="put the caption first (a variant; the reference feeds the rounds "
+                                               "only)")] = False,
+    max_dialogs: Annotated[int | None, typer.Option(help="only the first N usable dialogs")] = None,
+    seed: Annotated[int, typer.Option(help="diffusion seed of every dialog (the reference's: 42)")] = 42,
+    steps: Annotated[int, typer.Option(help="denoising steps (the reference's: 50)")] = 50,
+    guidance_scale: float = 7.5,
+    scheduler: Annotated[str, typer.Option(help="pndm (the reference's) or dpm++")] = "pndm",
+    device: Annotated[str | None, typer.Option(help="cpu, cuda ... (default: cuda if present)")] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+) -> None:
+    """VisDial contextual image generation (paper Table 2): CLIP similarity and LPIPS after 1/5/10 rounds."""
+    from gill.evaluation import report
+    from gill.evaluation.generation import load_metrics, metrics_section, pipeline_generator
+    from gill.evaluation.visdial import VisdialSettings, evaluate_visdial
+    from gill.evaluation.visdial_data import VisdialImages, read_visdial
+
+    try:
+        settings = VisdialSettings(rounds=tuple(rounds or (10,)), include_caption=caption, seed=seed,
+                                   guidance_scale=guidance_scale, num_inference_steps=steps, scheduler=scheduler,
+                                   max_dialogs=max_dialogs)
+        split = read_visdial(dialogs)
+        folder = VisdialImages(images or dialogs.parent / f"VisualDialog_{split.split or 'val'}2018", split.split)
+        header = _eval_header("visdial", dialogs, checkpoint, device, dataset=f"VisDial v{split.version or '?'} "
+                                                                               f"{split.split or '?'}")
+        metric, distance = load_metrics(clip, lpips_alexnet, device)
+        pipeline = _eval_pipeline(checkpoint, device, generation=True)
+        body = evaluate_visdial(split, folder, pipeline_generator(pipeline), metric, distance, settings, out,
+                                progress=not quiet)
+    except (GillError, OSError) as error:
+        fail(error)
+    result = header | metrics_section(metric, distance) | body
+    if caption:
+        result["notes"].append("caption fed before the rounds: not the paper's prompt, not comparable to Table 2")
+    json_path, markdown_path = report.write(out, result, report.visdial_markdown(result))
+    print(markdown_path.read_text())
+    print(f"wrote {json_path} and {markdown_path}")
+
+
+@eval_app.command("fid")
+def eval_fid(
+    reference: Annotated[Path, typer.Option(help="folder of real images (e.g. COCO val2014); its statistics are "
+                                                 "computed once and cached")],
+    captions: Annotated[Path | None, typer.Option(help="MS-COCO captions JSON (captions_val2014.json): generate one "
+                                                       "image per sampled caption, then score them")] = None,
+    generated: Annotated[Path | None, typer.Option(help="score the images in this folder instead of generating")]
+    = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="GILL checkpoint directory (with --captions)")] = None,
+    inception: Annotated[Path | None, typer.Option(help="clean-fid's inception-2015-12-05.pt (TorchScript; default "
+                                                        "$GILL_HOME/inception-2015-12-05.pt)")] = None,
+    mode: Annotated[str, typer.Option(help="clean-fid mode: clean or legacy_tensorflow")] = "clean",
+    stats_cache: Annotated[Path | None, typer.Option(help="where reference statistics are kept (default: "
+                                                          "$GILL_HOME/fid-stats)")] = None,
+    out: Annotated[Path, typer.Option(help="result.json, result.md and images/ (generated) go here")]
+    = Path("outputs/eval/fid"),
+    max_captions: Annotated[int, typer.Option(help="captions sampled (the usual zero-shot setting: 30000)")] = 30_000,
+    seed: Annotated[int, typer.Option(help="caption sampling seed; caption i's diffusion seed is seed + i")] = 42,
+    steps: Annotated[int, typer.Option(help="denoising steps (the reference's: 50)")] = 50,
+    guidance_scale: float = 7.5,
+    scheduler: Annotated[str, typer.Option(help="pndm (the reference's) or dpm++")] = "pndm",
+    resume: Annotated[bool, typer.Option(help="keep the images already in --out/images (an interrupted run)")]
+    = False,
+    batch_size: Annotated[int, typer.Option(help="images per Inception forward")] = 32,
+    workers: Annotated[int, typer.Option(help="image-loading processes (clean-fid resizes there; 0: in this "
+                                              "process)")] = 4,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda ... (default: cuda if present)")] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+) -> None:
+    """FID (clean-fid) of generated images against cached statistics of real ones (MS-COCO zero-shot: 12.2)."""
+    from gill.errors import InputError
+    from gill.evaluation import fid, report
+    from gill.evaluation.generation import pipeline_generator
+    from gill.tiny import default_home
+
+    try:
+        if (captions is None) == (generated is None):
+            raise InputError("give either --captions FILE (generate, then score) or --generated DIR (score only)")
+        if captions is not None and checkpoint is None:
+            raise InputError("--captions needs --checkpoint: the model that generates the images")
+        fid.check_mode(mode)
+        extractor = fid.InceptionFeatures.from_file(inception or default_home() / fid.INCEPTION_FILE, mode, device)
+        fid.image_files(reference, "--reference")  # before hours of generation: a bad folder fails now
+        header = {"eval": "fid", "versions": report.versions(), "device": device or "auto", **report.started()}
+        settings: dict = {"mode": mode, "batch_size": batch_size}
+        if captions is not None:
+            generation_settings = fid.FidGenerationSettings(max_captions=max_captions, seed=seed,
+                                                            guidance_scale=guidance_scale, num_inference_steps=steps,
+                                                            scheduler=scheduler)
+            chosen = fid.sample_captions(fid.read_coco_captions(captions), max_captions, seed)
+            header |= {"dataset": {"name": "MS-COCO captions", "path": str(captions.resolve())},
+                       "checkpoint": report.checkpoint_identity(checkpoint)}
+            settings |= fid.settings_record(generation_settings)
+            generated = out / "images"
+            pipeline = _eval_pipeline(checkpoint, device, generation=True)
+            header["generation"] = fid.generate_for_captions(chosen, pipeline_generator(pipeline),
+                                                             generation_settings, generated, resume, not quiet)
+        body = fid.fid_against_reference(generated, reference, extractor, mode,
+                                         stats_cache or default_home() / "fid-stats", batch_size, workers, not quiet)
+    except (GillError, OSError) as error:
+        fail(error)
+    notes = [] if isinstance(extractor, fid.InceptionFeatures) else [
+        "the feature extractor is not clean-fid's Inception: FID not comparable to published numbers"]
+    result = header | {"generated_path": str(generated.resolve()), "fid_tool": extractor.describe(),
+                       "settings": settings, "results": body, "notes": notes}
+    json_path, markdown_path = report.write(out, result, report.fid_markdown(result))
+    print(markdown_path.read_text())
+    print(f"wrote {json_path} and {markdown_path}")
+
+
+@eval_app.command("decision")
+def eval_decision(
+    checkpoint: Annotated[Path, typer.Argument(help="GILL checkpoint directory with a decision head "
+                                                    "(decision_model.safetensors)")],
+    annotations: Annotated[Path, typer.Argument(help="PartiPrompts decision TSV: Prompt + Decisions (raw votes) "
+                                                     "or Prompt + Decision (confident labels)")],
+    split: Annotated[str, typer.Option(help="validation (the confident rows after the first --train-size, the "
+                                            "reference's) or all (every confident row)")] = "validation",
+    train_size: Annotated[int, typer.Option(help="the first N gen/ret rows are the training split")] = 600,
+    out: Annotated[Path, typer.Option(help="result.json and result.md go here")] = Path("outputs/eval/decision"),
+    batch_size: Annotated[int, typer.Option(help="prompts per LM forward while extracting features")] = 32,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda ... (default: cuda if present)")] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+) -> None:
+    """Retrieve-or-generate decision: macro-F1 of the checkpoint's head on PartiPrompts labels (no training)."""
+    from gill.evaluation import report
+    from gill.evaluation.decision import DecisionEvalSettings, evaluate_decision, load_model
+
+    try:
+        settings = DecisionEvalSettings(split=split, train_size=train_size, batch_size=batch_size)
+        header = _eval_header("decision", annotations, checkpoint, device, dataset="PartiPrompts decisions")
+        with console.status(f"loading {checkpoint}"):
+            model = load_model(checkpoint, device)
+        body = evaluate_decision(model, annotations, settings, progress=not quiet)
+    except (GillError, OSError) as error:
+        fail(error)
+    result = header | body
+    json_path, markdown_path = report.write(out, result, report.decision_markdown(result))
+    print(markdown_path.read_text())
+    print(f"wrote {json_path} and {markdown_path}")
