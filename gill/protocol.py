@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from gill.pipeline import Part
 
 _ROLES = {pb.ROLE_USER: "ROLE_USER", pb.ROLE_ASSISTANT: "ROLE_ASSISTANT"}
+# Options fields that shape the prompt (read by parts_from_request), not GenerationOptions fields.
+PROMPT_OPTIONS = frozenset({"raw_text"})
 
 
 def request_from_bytes(data: bytes | bytearray | memoryview, limits: Limits = Limits()) -> pb.ChatRequest:
@@ -54,10 +56,12 @@ def parts_from_request(request: pb.ChatRequest, limits: Limits = Limits()) -> li
     """Flatten the conversation into the pipeline's interleaved parts; returns ``str`` and ``bytes`` parts.
 
     In message order and part order: an image becomes its encoded ``bytes``; text of a user message becomes
-    ``"Q: {text}\\nA:"`` and text of an assistant message ``" {text}\\n"`` (the reference's dialogue format).
-    The last message must be the user's. Raises :class:`InputError` for an empty conversation, an empty
-    message or part, an unspecified or unknown role, an image with no data or a non-image MIME type, and
-    more messages, parts, images or characters of text than ``limits`` allow.
+    ``"Q: {text}\\nA:"`` and text of an assistant message ``" {text}\\n"`` (the reference's dialogue format),
+    or, with ``options.raw_text`` set, every text part exactly as written (the reference's interleaved
+    evaluation prompts: the caller writes the whole prompt). The last message must be the user's. Raises
+    :class:`InputError` for an empty conversation, an empty message or part, an unspecified or unknown role,
+    an image with no data or a non-image MIME type, and more messages, parts, images or characters of text
+    than ``limits`` allow.
     """
     messages = request.messages
     if not messages:
@@ -70,6 +74,7 @@ def parts_from_request(request: pb.ChatRequest, limits: Limits = Limits()) -> li
     total_chars = sum(len(part.text) for message in messages for part in message.parts)
     limits.check("max_text_chars", total_chars, f"request has {total_chars} characters of text",
                  "shorten the conversation")
+    raw_text = request.HasField("options") and request.options.raw_text
     parts: list[Part] = []
     for m, message in enumerate(messages):
         _check_role(m, message.role)
@@ -86,7 +91,9 @@ def parts_from_request(request: pb.ChatRequest, limits: Limits = Limits()) -> li
                                      f"(allowed: 'image/...' or empty to detect from the data)")
                 parts.append(bytes(image.data))
             elif kind == "text":
-                if message.role == pb.ROLE_USER:
+                if raw_text:
+                    parts.append(part.text)
+                elif message.role == pb.ROLE_USER:
                     parts.append(f"Q: {part.text}\nA:")
                 else:
                     parts.append(f" {part.text}\n")
@@ -109,7 +116,8 @@ def options_from_request(request: pb.ChatRequest, defaults: GenerationOptions | 
                          limits: Limits = Limits()) -> GenerationOptions:
     """Returns ``defaults`` (or :class:`GenerationOptions` ``()``) with the fields the request set overriding them.
 
-    Only fields present on the wire count (``HasField``); float32 values are read back as their shortest
+    Only fields present on the wire count (``HasField``), except :data:`PROMPT_OPTIONS` (``raw_text``), which
+    :func:`parts_from_request` reads; float32 values are read back as their shortest
     decimal (``0.7``, not ``0.699999988``). Nonsensical values (NaN, negative ...) raise :class:`InputError`
     from :class:`GenerationOptions`' own validation, values over ``limits`` from :meth:`Limits.check_options`;
     a default over a limit is lowered to the limit.
@@ -119,6 +127,8 @@ def options_from_request(request: pb.ChatRequest, defaults: GenerationOptions | 
         return defaults
     overrides: dict[str, Any] = {}
     for field, value in request.options.ListFields():  # exactly the fields present (HasField) on the wire
+        if field.name in PROMPT_OPTIONS:
+            continue
         if field.type == FieldDescriptor.TYPE_FLOAT:
             value = float(str(np.float32(value)))
         overrides[field.name] = value

@@ -6,15 +6,19 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
+from wire import API_KEY
 
 from gill.cli import app
 from gill.errors import InputError
 from gill.evaluation.datasets import ImageFolder, read_vist_sis, write_vist_fixture
 from gill.evaluation.fixtures import make_random_alexnet, make_tiny_clip
-from gill.evaluation.vist import VistSettings, story_parts
+from gill.evaluation.generation import load_metrics, pipeline_generator
+from gill.evaluation.vist import VistSettings, evaluate_vist, story_parts
+from gill.serving.server import free_port
 
 STORIES = 3  # the last one lacks a photo on disk
 
@@ -101,6 +105,63 @@ def test_eval_vist_refuses_a_clip_without_projection(tmp_path, vist, tiny_dir):
     result = CliRunner().invoke(app, ["eval", "vist", str(vist), "--checkpoint", str(tiny_dir),
                                       "--clip", str(tiny_dir / "clip"), "--out", str(tmp_path)])
     assert result.exit_code == 2 and "visual_projection" in result.output
+
+
+def test_eval_vist_served_through_the_client_equals_in_process(tmp_path, vist, metric_models, server, pipeline):
+    """`--url`: the served model (tiny checkpoint + a decision head; retrieval is off, so the same images) gets
+    the reference's raw prompt over the wire (Options.raw_text) and returns what the pipeline makes in-process."""
+    clip_dir, alexnet = metric_models
+    out = tmp_path / "served"
+    result = CliRunner().invoke(app, [
+        "eval", "vist", str(vist), "--url", server.endpoints.grpc, "--api-key", API_KEY, "--clip", str(clip_dir),
+        "--lpips-alexnet", str(alexnet), "--out", str(out), "--steps", "2", "--device", "cpu", "--quiet"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "result.json").read_text())
+    assert "checkpoint" not in data
+    served = data["served"]
+    assert served["served"] is True and served["url"] == server.endpoints.grpc and served["model"] == "gill"
+    assert served["server"]["name"] == "triton" and served["server"]["model_versions"] == ["1"]
+    assert served["server"]["checkpoint"] == str(server.checkpoint.resolve())
+    assert data["counts"] == {"stories": 3, "evaluated": 2, "skipped_missing_images": 1, "images_missing": 1,
+                              "images_unreadable": 0}
+    row = data["results"]["captions-images"]
+    assert row["scored"] == 2 and row["no_image"] == 0
+    assert f"Served by `{server.endpoints.grpc}`" in (out / "result.md").read_text()
+
+    prompts = []
+
+    def in_process(parts, options):
+        prompts.append(parts)
+        return pipeline_generator(pipeline)(parts, options)
+
+    metric, distance = load_metrics(clip_dir, alexnet, "cpu")
+    settings = VistSettings(num_inference_steps=2)
+    evaluate_vist(read_vist_sis(vist), ImageFolder(vist.parent / "val_images"), in_process, metric, distance,
+                  settings, tmp_path / "local", progress=False)
+    names = sorted(path.name for path in (out / "generated" / "captions-images").glob("*.png"))
+    assert len(names) == 2
+    for name in names:
+        got = np.asarray(Image.open(out / "generated" / "captions-images" / name))
+        assert np.array_equal(got, np.asarray(Image.open(tmp_path / "local" / "generated" / "captions-images" / name)))
+    # the dialogue format's wrapping changes the image: equality above shows the prompt went unwrapped
+    wrapped = [f"Q: {part}\nA:" if isinstance(part, str) else part for part in prompts[0]]
+    other = pipeline_generator(pipeline)(wrapped, settings.options())
+    assert not np.array_equal(np.asarray(other), np.asarray(Image.open(out / "generated" / "captions-images" /
+                                                                       names[0])))
+
+
+def test_eval_vist_needs_exactly_one_model_and_a_reachable_server(tmp_path, vist, metric_models, tiny_dir):
+    clip_dir, _ = metric_models
+    base = ["eval", "vist", str(vist), "--clip", str(clip_dir), "--out", str(tmp_path), "--quiet"]
+    neither = CliRunner().invoke(app, base)
+    assert neither.exit_code == 2 and "exactly one of --checkpoint DIR" in neither.output
+    assert "got neither" in neither.output
+    both = CliRunner().invoke(app, base + ["--checkpoint", str(tiny_dir), "--url", "localhost:1"])
+    assert both.exit_code == 2 and "got both" in both.output
+    nobody = f"127.0.0.1:{free_port('127.0.0.1')}"
+    unreachable = CliRunner().invoke(app, base + ["--url", nobody])
+    assert unreachable.exit_code == 2 and f"no GILL server ready at {nobody}" in unreachable.output
+    assert not (tmp_path / "result.json").exists()
 
 
 def test_eval_retrieval_end_to_end(tmp_path, vist, tiny_dir):

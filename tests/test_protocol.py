@@ -81,6 +81,38 @@ def test_round_trip_text_and_images() -> None:
     assert load_image(parts[0]).size == (8, 6)
 
 
+def test_raw_text_sends_every_text_part_as_written_with_images_in_place() -> None:
+    first, second = _png(), _png((0, 0, 255))
+    conversation = (_user(_text("a red square."), _image(first), _text("then a blue one.")),
+                    _assistant(_text("ok")),
+                    _user(_image(second), _text("the third:")))
+    raw = request_from_bytes(_request(*conversation, raw_text=True).SerializeToString())
+    assert parts_from_request(raw) == ["a red square.", first, "then a blue one.", "ok", second, "the third:"]
+    wrapped = ["Q: a red square.\nA:", first, "Q: then a blue one.\nA:", " ok\n", second, "Q: the third:\nA:"]
+    assert parts_from_request(_request(*conversation, raw_text=False)) == wrapped  # false: the dialogue format
+    assert parts_from_request(_request(*conversation)) == wrapped  # unset (an older client): the dialogue format
+    assert parts_from_request(_request(*conversation, seed=1)) == wrapped  # options without raw_text
+
+
+def test_raw_text_keeps_every_check() -> None:
+    with pytest.raises(InputError, match="is from the assistant"):
+        parts_from_request(_request(_user(_text("a")), _assistant(_text("b")), raw_text=True))
+    with pytest.raises(InputError, match="message 0 part 1 is empty"):
+        parts_from_request(_request(_user(_text("a"), pb.Part()), raw_text=True))
+    with pytest.raises(InputError, match="limit max_images_per_request"):
+        parts_from_request(_request(_user(_image(_png()), _image(_png()), _text("a")), raw_text=True),
+                           Limits(max_images_per_request=1))
+    with pytest.raises(InputError, match="limit max_text_chars"):
+        parts_from_request(_request(_user(_text("x" * 11)), raw_text=True), Limits(max_text_chars=10))
+
+
+def test_raw_text_is_not_a_generation_option() -> None:
+    request = _request(_user(_text("hi")), raw_text=True, seed=3, max_new_tokens=2)
+    assert options_from_request(request_from_bytes(request.SerializeToString())) == GenerationOptions(
+        seed=3, max_new_tokens=2)
+    assert options_from_request(_request(_user(_text("hi")), raw_text=True)) == GenerationOptions()
+
+
 def test_request_accepts_bytearray_and_memoryview() -> None:
     data = _request(_user(_text("hi"))).SerializeToString()
     assert request_from_bytes(bytearray(data)) == request_from_bytes(memoryview(data))
@@ -199,7 +231,9 @@ def test_options_zero_values_are_set_not_unset() -> None:
 
 def test_options_fields_match_generation_options() -> None:
     known = {field.name for field in dataclasses.fields(GenerationOptions)}
-    assert {field.name for field in pb.Options.DESCRIPTOR.fields} <= known
+    wire = {field.name for field in pb.Options.DESCRIPTOR.fields}
+    assert wire - protocol.PROMPT_OPTIONS <= known
+    assert protocol.PROMPT_OPTIONS <= wire and not protocol.PROMPT_OPTIONS & known  # read by parts_from_request
     assert pb.Options.DESCRIPTOR.fields_by_name["seed"].type == pb.Options.DESCRIPTOR.fields_by_name["seed"].TYPE_UINT64
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -12,6 +14,9 @@ from gill.errors import GillError
 
 eval_app = typer.Typer(no_args_is_help=True, help="Reproduce the paper's evaluations (docs/evaluation.md).")
 
+_URL_HELP = ("the served model's gRPC address, host:port or grpcs://host:port (`gill serve`), instead of "
+             "--checkpoint: generate through gill_client")
+_API_KEY_HELP = "the server's API key (with --url)"
 _CONTEXT_HELP = ("context given before the forced image: captions-images (5 captions + 4 images), captions (the 5 "
                  "captions), caption (the 5th caption); repeatable")
 
@@ -25,21 +30,52 @@ def _eval_inputs(sis: Path, images: Path | None, checkpoint: Path, device: str |
     return split, folder, _eval_pipeline(checkpoint, device, generation)
 
 
-def _eval_header(name: str, data: Path, checkpoint: Path, device: str | None, dataset: str = "VIST SIS") -> dict:
+def _eval_header(name: str, data: Path, checkpoint: Path | None, device: str | None, dataset: str = "VIST SIS",
+                 served: dict | None = None) -> dict:
+    """The result's header: what was evaluated, and by which model: the ``checkpoint``'s identity in-process, or
+    ``served`` (:meth:`~gill.evaluation.generation.ServedGenerator.identity`) for a ``--url`` run."""
     from gill.evaluation.report import checkpoint_identity, started, versions
 
+    model = {"served": served} if served is not None else {"checkpoint": checkpoint_identity(checkpoint)}
     return {"eval": name, "dataset": {"name": dataset, "path": str(data.resolve())},
-            "checkpoint": checkpoint_identity(checkpoint), "versions": versions(), "device": device or "auto",
-            **started()}
+            **model, "versions": versions(), "device": device or "auto", **started()}
+
+
+def _require_one_model(checkpoint: Path | None, url: str | None) -> None:
+    from gill.errors import InputError
+
+    if (checkpoint is None) == (url is None):
+        raise InputError("give exactly one of --checkpoint DIR (the model in-process) or --url HOST:PORT (the served "
+                         f"model); got {'both' if checkpoint is not None else 'neither'}")
+
+
+@contextmanager
+def _generator(checkpoint: Path | None, url: str | None, api_key: str | None, device: str | None
+               ) -> Iterator[tuple]:
+    """Yields the eval's image generator and the ``served`` identity (None in-process): the in-process pipeline
+    of ``checkpoint``, or the served model at ``url`` (connection closed on exit)."""
+    from gill.evaluation.generation import client_generator, pipeline_generator
+
+    if url is not None:
+        with console.status(f"connecting to {url}"):
+            served = client_generator(url, api_key)
+            identity = served.identity()
+        with served:
+            yield served, identity
+    else:
+        assert checkpoint is not None
+        yield pipeline_generator(_eval_pipeline(checkpoint, device, generation=True)), None
 
 
 @eval_app.command("vist")
 def eval_vist(
     sis: Annotated[Path, typer.Argument(help="the VIST SIS split in its official format, e.g. "
                                              "sis/val.story-in-sequence.json")],
-    checkpoint: Annotated[Path, typer.Option(help="GILL checkpoint directory (in-process)")],
     clip: Annotated[Path, typer.Option(help="local copy of openai/clip-vit-large-patch14 (the full CLIPModel): "
                                             "the CLIP similarity model")],
+    checkpoint: Annotated[Path | None, typer.Option(help="GILL checkpoint directory (in-process; or --url)")] = None,
+    url: Annotated[str | None, typer.Option(help=_URL_HELP)] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="GILL_API_KEY", show_envvar=True, help=_API_KEY_HELP)] = None,
     images: Annotated[Path | None, typer.Option(help="folder of <photo_flickr_id>.png (default: val_images "
                                                      "beside SIS)")] = None,
     lpips_alexnet: Annotated[Path | None, typer.Option(help="torchvision's ImageNet AlexNet state dict "
@@ -60,19 +96,22 @@ def eval_vist(
 ) -> None:
     """VIST contextual image generation (paper Table 1): CLIP similarity and LPIPS of the forced 5th image."""
     from gill.evaluation import report
-    from gill.evaluation.generation import load_metrics, metrics_section, pipeline_generator
+    from gill.evaluation.datasets import ImageFolder, read_vist_sis
+    from gill.evaluation.generation import load_metrics, metrics_section
     from gill.evaluation.plots import GRID_FILE, vist_grid
     from gill.evaluation.vist import VistSettings, evaluate_vist
 
     try:
+        _require_one_model(checkpoint, url)
         settings = VistSettings(contexts=tuple(context or ("captions-images",)), seed=seed,
                                 guidance_scale=guidance_scale, num_inference_steps=steps, scheduler=scheduler,
                                 max_stories=max_stories)
-        header = _eval_header("vist", sis, checkpoint, device)
         metric, distance = load_metrics(clip, lpips_alexnet, device)
-        split, folder, pipeline = _eval_inputs(sis, images, checkpoint, device, generation=True)
-        body = evaluate_vist(split, folder, pipeline_generator(pipeline), metric, distance, settings, out,
-                             progress=not quiet)
+        split = read_vist_sis(sis)
+        folder = ImageFolder(images or sis.parent / "val_images")
+        with _generator(checkpoint, url, api_key, device) as (generate, served):
+            header = _eval_header("vist", sis, checkpoint, device, served=served)
+            body = evaluate_vist(split, folder, generate, metric, distance, settings, out, progress=not quiet)
     except (GillError, OSError) as error:
         fail(error)
     result = header | metrics_section(metric, distance) | body
@@ -205,9 +244,11 @@ def _eval_pipeline(checkpoint: Path, device: str | None, generation: bool):
 def eval_visdial(
     dialogs: Annotated[Path, typer.Argument(help="VisDial v1.0 dialogs in the official format, e.g. "
                                                  "visdial_1.0_val.json")],
-    checkpoint: Annotated[Path, typer.Option(help="GILL checkpoint directory (in-process)")],
     clip: Annotated[Path, typer.Option(help="local copy of openai/clip-vit-large-patch14 (the full CLIPModel): "
                                             "the CLIP similarity model")],
+    checkpoint: Annotated[Path | None, typer.Option(help="GILL checkpoint directory (in-process; or --url)")] = None,
+    url: Annotated[str | None, typer.Option(help=_URL_HELP)] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="GILL_API_KEY", show_envvar=True, help=_API_KEY_HELP)] = None,
     images: Annotated[Path | None, typer.Option(help="folder of the dialogs' images, VisualDialog_val2018_<12-digit "
                                                      "id>.jpg or <image_id>.jpg/.png (default: VisualDialog_<split>"
                                                      "2018 beside DIALOGS)")] = None,
@@ -230,22 +271,22 @@ def eval_visdial(
 ) -> None:
     """VisDial contextual image generation (paper Table 2): CLIP similarity and LPIPS after 1/5/10 rounds."""
     from gill.evaluation import report
-    from gill.evaluation.generation import load_metrics, metrics_section, pipeline_generator
+    from gill.evaluation.generation import load_metrics, metrics_section
     from gill.evaluation.visdial import VisdialSettings, evaluate_visdial
     from gill.evaluation.visdial_data import VisdialImages, read_visdial
 
     try:
+        _require_one_model(checkpoint, url)
         settings = VisdialSettings(rounds=tuple(rounds or (10,)), include_caption=caption, seed=seed,
                                    guidance_scale=guidance_scale, num_inference_steps=steps, scheduler=scheduler,
                                    max_dialogs=max_dialogs)
         split = read_visdial(dialogs)
         folder = VisdialImages(images or dialogs.parent / f"VisualDialog_{split.split or 'val'}2018", split.split)
-        header = _eval_header("visdial", dialogs, checkpoint, device, dataset=f"VisDial v{split.version or '?'} "
-                                                                               f"{split.split or '?'}")
         metric, distance = load_metrics(clip, lpips_alexnet, device)
-        pipeline = _eval_pipeline(checkpoint, device, generation=True)
-        body = evaluate_visdial(split, folder, pipeline_generator(pipeline), metric, distance, settings, out,
-                                progress=not quiet)
+        with _generator(checkpoint, url, api_key, device) as (generate, served):
+            header = _eval_header("visdial", dialogs, checkpoint, device, served=served,
+                                  dataset=f"VisDial v{split.version or '?'} {split.split or '?'}")
+            body = evaluate_visdial(split, folder, generate, metric, distance, settings, out, progress=not quiet)
     except (GillError, OSError) as error:
         fail(error)
     result = header | metrics_section(metric, distance) | body
@@ -264,7 +305,10 @@ def eval_fid(
                                                        "image per sampled caption, then score them")] = None,
     generated: Annotated[Path | None, typer.Option(help="score the images in this folder instead of generating")]
     = None,
-    checkpoint: Annotated[Path | None, typer.Option(help="GILL checkpoint directory (with --captions)")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="GILL checkpoint directory (with --captions; or --url)")]
+    = None,
+    url: Annotated[str | None, typer.Option(help=_URL_HELP + " (with --captions)")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="GILL_API_KEY", show_envvar=True, help=_API_KEY_HELP)] = None,
     inception: Annotated[Path | None, typer.Option(help="clean-fid's inception-2015-12-05.pt (TorchScript; default "
                                                         "$GILL_HOME/inception-2015-12-05.pt)")] = None,
     mode: Annotated[str, typer.Option(help="clean-fid mode: clean or legacy_tensorflow")] = "clean",
@@ -288,14 +332,18 @@ def eval_fid(
     """FID (clean-fid) of generated images against cached statistics of real ones (MS-COCO zero-shot: 12.2)."""
     from gill.errors import InputError
     from gill.evaluation import fid, report
-    from gill.evaluation.generation import pipeline_generator
     from gill.tiny import default_home
 
     try:
         if (captions is None) == (generated is None):
             raise InputError("give either --captions FILE (generate, then score) or --generated DIR (score only)")
-        if captions is not None and checkpoint is None:
-            raise InputError("--captions needs --checkpoint: the model that generates the images")
+        if captions is not None and checkpoint is None and url is None:
+            raise InputError("--captions needs --checkpoint DIR or --url HOST:PORT: the model that generates the "
+                             "images")
+        if checkpoint is not None and url is not None:
+            _require_one_model(checkpoint, url)
+        if captions is None and (checkpoint is not None or url is not None):
+            raise InputError("--generated scores existing images: --checkpoint and --url are for --captions")
         fid.check_mode(mode)
         extractor = fid.InceptionFeatures.from_file(inception or default_home() / fid.INCEPTION_FILE, mode, device)
         fid.image_files(reference, "--reference")  # before hours of generation: a bad folder fails now
@@ -306,13 +354,14 @@ def eval_fid(
                                                             guidance_scale=guidance_scale, num_inference_steps=steps,
                                                             scheduler=scheduler)
             chosen = fid.sample_captions(fid.read_coco_captions(captions), max_captions, seed)
-            header |= {"dataset": {"name": "MS-COCO captions", "path": str(captions.resolve())},
-                       "checkpoint": report.checkpoint_identity(checkpoint)}
+            header |= {"dataset": {"name": "MS-COCO captions", "path": str(captions.resolve())}}
             settings |= fid.settings_record(generation_settings)
             generated = out / "images"
-            pipeline = _eval_pipeline(checkpoint, device, generation=True)
-            header["generation"] = fid.generate_for_captions(chosen, pipeline_generator(pipeline),
-                                                             generation_settings, generated, resume, not quiet)
+            with _generator(checkpoint, url, api_key, device) as (generate, served):
+                header |= ({"served": served} if served is not None
+                           else {"checkpoint": report.checkpoint_identity(checkpoint)})
+                header["generation"] = fid.generate_for_captions(chosen, generate, generation_settings, generated,
+                                                                 resume, not quiet)
         body = fid.fid_against_reference(generated, reference, extractor, mode,
                                          stats_cache or default_home() / "fid-stats", batch_size, workers, not quiet)
     except (GillError, OSError) as error:

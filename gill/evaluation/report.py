@@ -72,6 +72,21 @@ def checkpoint_identity(directory: str | Path) -> dict[str, Any]:
     return identity
 
 
+def model_line(result: dict[str, Any]) -> str:
+    """Which model produced the result, for ``result.md``: the checkpoint (path and ``SHA256SUMS`` hash) of an
+    in-process run, or the server (``served``: URL, Triton version, its checkpoint parameter) of a ``--url`` run."""
+    served = result.get("served")
+    if served is None:
+        checkpoint = result["checkpoint"]
+        return (f"Checkpoint `{checkpoint['path']}` (SHA256SUMS sha256 "
+                f"`{str(checkpoint['sha256sums_sha256'])[:16]}`)")
+    server = served.get("server")
+    about = (f"Triton {server['version']}, model `{served['model']}` versions {', '.join(server['model_versions'])}, "
+             f"server-side checkpoint `{server['checkpoint']}`" if server else
+             f"server metadata not available: {served.get('server_error')}")
+    return f"Served by `{served['url']}` through gill_client ({about})"
+
+
 def summary(values: list[float]) -> dict[str, float | int | None]:
     """Mean, standard deviation and standard error of per-example values (None when empty)."""
     if not values:
@@ -103,8 +118,7 @@ def vist_markdown(result: dict[str, Any]) -> str:
     from gill.evaluation.vist import CONTEXTS
 
     lines = [f"# VIST contextual image generation ({result['dataset']['path']})", "",
-             f"Checkpoint `{result['checkpoint']['path']}` (SHA256SUMS sha256 "
-             f"`{str(result['checkpoint']['sha256sums_sha256'])[:16]}`), seed {result['settings']['seed']}, "
+             f"{model_line(result)}, seed {result['settings']['seed']}, "
              f"{result['settings']['num_inference_steps']} {result['settings']['scheduler']} steps, guidance "
              f"{result['settings']['guidance_scale']}.", "",
              "| context | CLIP similarity (ours) | paper | LPIPS (ours) | paper | stories scored |",
@@ -176,8 +190,7 @@ def visdial_markdown(result: dict[str, Any]) -> str:
     caption = "caption line first (a variant, not the paper's prompt)" if settings["include_caption"] else \
         "no caption (the reference's prompt)"
     lines = [f"# VisDial contextual image generation ({result['dataset']['path']})", "",
-             f"Checkpoint `{result['checkpoint']['path']}` (SHA256SUMS sha256 "
-             f"`{str(result['checkpoint']['sha256sums_sha256'])[:16]}`), seed {settings['seed']}, "
+             f"{model_line(result)}, seed {settings['seed']}, "
              f"{settings['num_inference_steps']} {settings['scheduler']} steps, guidance {settings['guidance_scale']}; "
              f"text only, {caption}.", "",
              "| rounds | CLIP similarity (ours) | paper | LPIPS (ours) | paper | dialogs scored |",
@@ -222,6 +235,7 @@ def fid_markdown(result: dict[str, Any]) -> str:
              f"Feature extractor: {tool['implementation']}"
              + (f", `{tool['file']}` (sha256 `{str(tool.get('sha256'))[:16]}`)." if tool.get("file") else ".")]
     if generation:
+        lines.append(f"{model_line(result)}.")
         lines.append(f"Captions: {generation['captions']} ({generation['generated']} generated now, "
                      f"{generation['reused']} kept from an earlier run, {generation['no_image']} without an image).")
     notes = result.get("notes") or []

@@ -30,6 +30,10 @@ class ChatOptions:
     allow_generation: bool | None = None
     preview_every: int | None = None  # denoising steps between previews; 0 sends none
     scheduler: str | None = None  # "pndm" (the reference's, 50 steps) or "dpm++" (DPM-Solver++, 20-25 steps)
+    # True: every text part goes to the model exactly as written, without the dialogue format's "Q: ...\nA:"
+    # (user) and " ...\n" (assistant) wrapping; for evaluations that reproduce the reference's interleaved
+    # prompts. A server older than the field ignores it.
+    raw_text: bool | None = None
 
     def to_proto(self) -> pb.Options:
         """Returns the wire ``gill.v1.Options`` with exactly the fields that are not None set."""

@@ -18,7 +18,7 @@ servers working):
     still changes generated code and the JSON name). A field's type is never changed, not even to a
     "compatible" one. Anything else is a new field, or a new package (gill.v2).
 
-Generated Python code lives in gill/v1/; regenerate with `python protos/generate.py` (see protos/README.md).
+Generated Python code lives in client/src/gill_client/v1/; regenerate with `python protos/generate.py` (see protos/README.md).
 """
 
 from collections import abc as _abc
@@ -257,6 +257,7 @@ class Options(_message.Message):
     ALLOW_GENERATION_FIELD_NUMBER: _builtins.int
     PREVIEW_EVERY_FIELD_NUMBER: _builtins.int
     SCHEDULER_FIELD_NUMBER: _builtins.int
+    RAW_TEXT_FIELD_NUMBER: _builtins.int
     max_new_tokens: _builtins.int
     """Tokens to generate, >= 1; at most the server's limit max_new_tokens (default 1024)."""
     temperature: _builtins.float
@@ -284,6 +285,12 @@ class Options(_message.Message):
     """Denoising scheduler of image generation: "pndm" (the reference's, SD v1.5's own; default, best with 50
     steps) or "dpm++" (DPM-Solver++, comparable images in about 20-25 steps). Other names are rejected.
     """
+    raw_text: _builtins.bool
+    """Added after v1.0. True: every text part, user's and assistant's, goes to the model exactly as written,
+    without the dialogue wrapping (user "Q: {text}\\nA:", assistant " {text}\\n"); images stay where they are.
+    For evaluations that reproduce the reference's interleaved prompts (captions and images as written, then
+    an image). Unset or false keeps the dialogue format. A server older than this field ignores it.
+    """
     def __init__(
         self,
         *,
@@ -301,10 +308,11 @@ class Options(_message.Message):
         allow_generation: _builtins.bool | None = ...,
         preview_every: _builtins.int | None = ...,
         scheduler: _builtins.str | None = ...,
+        raw_text: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_allow_generation", b"_allow_generation", "_allow_retrieval", b"_allow_retrieval", "_gen_scale_factor", b"_gen_scale_factor", "_guidance_scale", b"_guidance_scale", "_max_images", b"_max_images", "_max_new_tokens", b"_max_new_tokens", "_min_word_tokens", b"_min_word_tokens", "_num_inference_steps", b"_num_inference_steps", "_preview_every", b"_preview_every", "_ret_scale_factor", b"_ret_scale_factor", "_scheduler", b"_scheduler", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "allow_generation", b"allow_generation", "allow_retrieval", b"allow_retrieval", "gen_scale_factor", b"gen_scale_factor", "guidance_scale", b"guidance_scale", "max_images", b"max_images", "max_new_tokens", b"max_new_tokens", "min_word_tokens", b"min_word_tokens", "num_inference_steps", b"num_inference_steps", "preview_every", b"preview_every", "ret_scale_factor", b"ret_scale_factor", "scheduler", b"scheduler", "seed", b"seed", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_allow_generation", b"_allow_generation", "_allow_retrieval", b"_allow_retrieval", "_gen_scale_factor", b"_gen_scale_factor", "_guidance_scale", b"_guidance_scale", "_max_images", b"_max_images", "_max_new_tokens", b"_max_new_tokens", "_min_word_tokens", b"_min_word_tokens", "_num_inference_steps", b"_num_inference_steps", "_preview_every", b"_preview_every", "_raw_text", b"_raw_text", "_ret_scale_factor", b"_ret_scale_factor", "_scheduler", b"_scheduler", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "allow_generation", b"allow_generation", "allow_retrieval", b"allow_retrieval", "gen_scale_factor", b"gen_scale_factor", "guidance_scale", b"guidance_scale", "max_images", b"max_images", "max_new_tokens", b"max_new_tokens", "min_word_tokens", b"min_word_tokens", "num_inference_steps", b"num_inference_steps", "preview_every", b"preview_every", "raw_text", b"raw_text", "ret_scale_factor", b"ret_scale_factor", "scheduler", b"scheduler", "seed", b"seed", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_allow_generation", b"_allow_generation", "_allow_retrieval", b"_allow_retrieval", "_gen_scale_factor", b"_gen_scale_factor", "_guidance_scale", b"_guidance_scale", "_max_images", b"_max_images", "_max_new_tokens", b"_max_new_tokens", "_min_word_tokens", b"_min_word_tokens", "_num_inference_steps", b"_num_inference_steps", "_preview_every", b"_preview_every", "_ret_scale_factor", b"_ret_scale_factor", "_scheduler", b"_scheduler", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "allow_generation", b"allow_generation", "allow_retrieval", b"allow_retrieval", "gen_scale_factor", b"gen_scale_factor", "guidance_scale", b"guidance_scale", "max_images", b"max_images", "max_new_tokens", b"max_new_tokens", "min_word_tokens", b"min_word_tokens", "num_inference_steps", b"num_inference_steps", "preview_every", b"preview_every", "ret_scale_factor", b"ret_scale_factor", "scheduler", b"scheduler", "seed", b"seed", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_allow_generation", b"_allow_generation", "_allow_retrieval", b"_allow_retrieval", "_gen_scale_factor", b"_gen_scale_factor", "_guidance_scale", b"_guidance_scale", "_max_images", b"_max_images", "_max_new_tokens", b"_max_new_tokens", "_min_word_tokens", b"_min_word_tokens", "_num_inference_steps", b"_num_inference_steps", "_preview_every", b"_preview_every", "_raw_text", b"_raw_text", "_ret_scale_factor", b"_ret_scale_factor", "_scheduler", b"_scheduler", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "allow_generation", b"allow_generation", "allow_retrieval", b"allow_retrieval", "gen_scale_factor", b"gen_scale_factor", "guidance_scale", b"guidance_scale", "max_images", b"max_images", "max_new_tokens", b"max_new_tokens", "min_word_tokens", b"min_word_tokens", "num_inference_steps", b"num_inference_steps", "preview_every", b"preview_every", "raw_text", b"raw_text", "ret_scale_factor", b"ret_scale_factor", "scheduler", b"scheduler", "seed", b"seed", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__allow_generation: _TypeAlias = _typing.Literal["allow_generation"]  # noqa: Y015
     _WhichOneofArgType__allow_generation: _TypeAlias = _typing.Literal["_allow_generation", b"_allow_generation"]  # noqa: Y015
@@ -324,6 +332,8 @@ class Options(_message.Message):
     _WhichOneofArgType__num_inference_steps: _TypeAlias = _typing.Literal["_num_inference_steps", b"_num_inference_steps"]  # noqa: Y015
     _WhichOneofReturnType__preview_every: _TypeAlias = _typing.Literal["preview_every"]  # noqa: Y015
     _WhichOneofArgType__preview_every: _TypeAlias = _typing.Literal["_preview_every", b"_preview_every"]  # noqa: Y015
+    _WhichOneofReturnType__raw_text: _TypeAlias = _typing.Literal["raw_text"]  # noqa: Y015
+    _WhichOneofArgType__raw_text: _TypeAlias = _typing.Literal["_raw_text", b"_raw_text"]  # noqa: Y015
     _WhichOneofReturnType__ret_scale_factor: _TypeAlias = _typing.Literal["ret_scale_factor"]  # noqa: Y015
     _WhichOneofArgType__ret_scale_factor: _TypeAlias = _typing.Literal["_ret_scale_factor", b"_ret_scale_factor"]  # noqa: Y015
     _WhichOneofReturnType__scheduler: _TypeAlias = _typing.Literal["scheduler"]  # noqa: Y015
@@ -352,6 +362,8 @@ class Options(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__num_inference_steps) -> _WhichOneofReturnType__num_inference_steps | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__preview_every) -> _WhichOneofReturnType__preview_every | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__raw_text) -> _WhichOneofReturnType__raw_text | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__ret_scale_factor) -> _WhichOneofReturnType__ret_scale_factor | None: ...
     @_typing.overload
