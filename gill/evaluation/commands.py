@@ -405,3 +405,41 @@ def eval_decision(
     json_path, markdown_path = report.write(out, result, report.decision_markdown(result))
     print(markdown_path.read_text())
     print(f"wrote {json_path} and {markdown_path}")
+
+
+@eval_app.command("clip-parity")
+def eval_clip_parity(
+    clip: Annotated[Path, typer.Option(help="local copy of openai/clip-vit-large-patch14 (the HF CLIPModel "
+                                            "directory the evals score with)")],
+    images: Annotated[Path | None, typer.Option(help="a folder of images, paired in name order (default: a "
+                                                     "built-in fixture of synthetic images, several aspect ratios)")]
+    = None,
+    out: Annotated[Path, typer.Option(help="result.json and result.md go here")] = Path("outputs/eval/clip-parity"),
+    device: Annotated[str | None, typer.Option(help="cpu, cuda ... (default: cpu; both sides run fp32)")] = None,
+) -> None:
+    """HF transformers CLIP vs open_clip (the HF weights converted): same-pixel features and pair similarities."""
+    from importlib.metadata import version
+
+    from gill.evaluation import clip_parity, report
+    from gill.evaluation.metrics import ClipSimilarity
+
+    try:
+        scorer = ClipSimilarity.from_directory(clip, device="cpu")
+        visual, config = clip_parity.convert(scorer.model)
+        unreadable: list[str] = []
+        if images is None:
+            pictures = clip_parity.fixture_images()
+        else:
+            pictures, unreadable = clip_parity.folder_images(images)
+        body = clip_parity.compare(scorer.model, scorer.processor, visual, pictures, device or "cpu")
+    except (GillError, OSError) as error:
+        fail(error)
+    notes = [f"unreadable images skipped: {', '.join(unreadable)}"] if unreadable else []
+    result = {"eval": "clip-parity", "clip": scorer.describe(), "images_path": str(images.resolve()) if images else
+              "built-in fixture (gill.evaluation.clip_parity.fixture_images)", "open_clip_config": config,
+              "open_clip_registered": clip_parity.registered_configs(config),
+              "versions": report.versions() | {"open_clip_torch": version("open_clip_torch")},
+              "device": device or "cpu", **report.started(), **body, "notes": notes}
+    json_path, markdown_path = report.write(out, result, clip_parity.markdown(result))
+    print(markdown_path.read_text())
+    print(f"wrote {json_path} and {markdown_path}")

@@ -58,6 +58,19 @@ def _check_pairs(generated: Sequence[Image.Image], targets: Sequence[Image.Image
         raise InputError(f"{len(generated)} generated images but {len(targets)} targets: give one target per image")
 
 
+def reference_image_processor(directory: Path):
+    """The CLIP image preprocessing of ``directory`` in transformers' PIL backend (``CLIPImageProcessorPil``: PIL
+    bicubic resize and centre crop, what transformers 4's ``CLIPImageProcessor``, and so the reference, did);
+    transformers 5's default ``CLIPImageProcessor`` resizes with torchvision and gives slightly different pixels
+    (``gill eval clip-parity`` measures by how much). Falls back to ``CLIPImageProcessor`` where the PIL class
+    does not exist."""
+    try:
+        from transformers import CLIPImageProcessorPil as Processor
+    except ImportError:
+        from transformers import CLIPImageProcessor as Processor
+    return Processor.from_pretrained(directory)
+
+
 class ClipSimilarity:
     """CLIP image-image cosine similarity; one value in [-1, 1] per (generated, target) pair, higher is closer."""
 
@@ -73,7 +86,7 @@ class ClipSimilarity:
         """Load ``CLIPVisionModelWithProjection`` and its image processor from a local directory (a copy of
         ``openai/clip-vit-large-patch14``, which holds the full ``CLIPModel``). Loads in fp32: the reference
         scores in fp32."""
-        from transformers import AutoConfig, CLIPConfig, CLIPImageProcessor, CLIPVisionModelWithProjection
+        from transformers import AutoConfig, CLIPConfig, CLIPVisionModelWithProjection
 
         directory = Path(directory)
         if not (directory / "config.json").is_file():
@@ -105,7 +118,7 @@ class ClipSimilarity:
                              "openai/clip-vit-large-patch14")
         device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
-        return cls(model, CLIPImageProcessor.from_pretrained(directory), directory, device)
+        return cls(model, reference_image_processor(directory), directory, device)
 
     @torch.inference_mode()
     def features(self, images: Sequence[Image.Image], batch_size: int = 16) -> np.ndarray:
@@ -135,6 +148,7 @@ class ClipSimilarity:
             "name_or_path": getattr(config, "_name_or_path", None),
             "image_size": config.image_size, "patch_size": config.patch_size, "hidden_size": config.hidden_size,
             "projection_dim": config.projection_dim, "hidden_act": config.hidden_act,
+            "preprocessing": type(self.processor).__name__,
             "weights_file": weights.name if weights else None,
             "weights_sha256": sha256_file(weights) if weights else None,
         }
