@@ -26,9 +26,9 @@ def probe():
         yield QualityProbe(client, World(seed=0))
 
 
-# Not met yet (issue 11 stays open): the adapters' contrastive retrieval is still improving when training stops
-# (1,500 steps: 48% colour and shape, 3,000: 60%), and on the held-out scenes the text side often swaps the shape's
-# colour with the background's. Strict: once a rebuilt checkpoint meets the rate, these fail until unmarked.
+# Not met yet (issue 11 stays open): measured served on the committed checkpoint, "show me" a held-out scene gives
+# the asked colour for 75% (12 of 16) and retrieval top-1 the asked colour and shape for 68% (it confuses squares
+# and circles). Strict: once a rebuilt checkpoint meets the rate, these fail until unmarked.
 NOT_YET = pytest.mark.xfail(strict=True, reason="below the issue's rate with the committed checkpoint; see "
                                                 "docs/pocket.md (measured rates) and issue 11")
 

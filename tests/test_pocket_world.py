@@ -37,6 +37,21 @@ def test_training_text_never_mentions_a_heldout_scene(world):
     assert "Q: show me" in corpus and "\nA: here is" in corpus and "A: i drew" in corpus
 
 
+def test_role_documents_bind_each_colour_to_what_it_colours(world):
+    """The LM's "a red circle on a blue background. the circle is red and the background is blue" documents (what
+    lets [IMG0] tell a red circle on blue from a blue circle on red) never swap the roles."""
+    documents = [d for d in world.lm_corpus(random.Random(1), 2000) if " and the " in d or " and the background" in d]
+    assert len(documents) > 200  # about one in five
+    orders = set()
+    for document in documents:
+        caption, roles = document.split(". ")
+        scene = Scene.from_caption(caption)
+        assert sorted(roles.split(" and ")) == sorted([f"the {scene.shape} is {scene.colour}",
+                                                       f"the background is {scene.background}"]), document
+        orders.add(roles.startswith("the background"))
+    assert orders == {True, False}  # both orders, so position alone does not say which colour is which
+
+
 def test_training_pairs_say_what_their_image_shows(world):
     pairs = world.pairs(200, random.Random(4))
     kinds = {pair.text.split(" ", 2)[1] if pair.text.startswith("Q:") else "caption" for pair in pairs}
