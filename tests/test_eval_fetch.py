@@ -4,13 +4,12 @@ synthetic VIST fixture's photos, a 404, a slow URL, an oversized file, a truncat
 from __future__ import annotations
 
 import json
-import threading
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
+from loopback_http import LoopbackServer, QuietHandler, serving
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -25,34 +24,17 @@ TIMEOUT_S = 1.0  # per URL: ample for a loopback PNG on a busy machine
 SLOW_S = 6.0  # far beyond it
 
 
-class Server(ThreadingHTTPServer):
-    daemon_threads = True  # a handler still sleeping when the module ends must not keep the process alive
-
+class Server(LoopbackServer):
     def __init__(self, photos: Path) -> None:
-        super().__init__(("127.0.0.1", 0), Handler)
+        super().__init__(Handler)
         self.photos = photos
-        self.hits: Counter[str] = Counter()
-        self.lock = threading.Lock()
-        self.stop = threading.Event()  # wakes sleeping handlers at teardown
-
-    def handle_error(self, request: object, client_address: object) -> None:
-        pass  # clients hang up on purpose (timeouts, size limits)
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}{path}"
 
 
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class Handler(QuietHandler):
     server: Server
 
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
     def do_GET(self) -> None:
-        with self.server.lock:
-            self.server.hits[self.path] += 1
-            hits = self.server.hits[self.path]
+        hits = self.server.count(self.path)
         route, _, name = self.path.strip("/").partition("/")
         if route == "photo":
             self.reply(200, "image/png", (self.server.photos / name).read_bytes())
@@ -95,13 +77,8 @@ def source(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def server(source):
-    httpd = Server(source.parent / "val_images")
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield httpd
-    httpd.stop.set()
-    httpd.shutdown()
-    httpd.server_close()
+    with serving(Server(source.parent / "val_images")) as httpd:
+        yield httpd
 
 
 # Photo index in the split -> (kind, URL fields): what each photo's images entry points at.

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, quote, urlsplit
 
 import pytest
+from loopback_http import LoopbackServer, QuietHandler, serving
 from PIL import Image
 
 from gill import fetch as fetch_module
@@ -22,33 +21,17 @@ PNG = png_bytes(Image.new("RGB", (8, 8), (200, 10, 10)))
 LOCAL = FetchPolicy(allow_private=True, timeout_s=2.0)
 
 
-class Server(ThreadingHTTPServer):
-    daemon_threads = True  # a handler still sleeping when the test ends must not keep the process alive
-
+class Server(LoopbackServer):
     def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), Handler)
-        self.hits: Counter[str] = Counter()  # requests per path, query included
-        self.lock = threading.Lock()
-        self.stop = threading.Event()  # wakes sleeping handlers at teardown
+        super().__init__(Handler)
         self.drip_aborted = threading.Event()  # the client hung up on /drip
 
-    def handle_error(self, request: object, client_address: object) -> None:
-        pass  # clients that hang up on purpose (timeouts, size limits) are what these tests are about
 
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}{path}"
-
-
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class Handler(QuietHandler):
     server: Server
 
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
     def do_GET(self) -> None:
-        with self.server.lock:
-            self.server.hits[self.path] += 1
+        self.server.count(self.path)
         parts = urlsplit(self.path)
         query = {key: values[0] for key, values in parse_qs(parts.query).items()}
         if "delay" in query:
@@ -120,13 +103,8 @@ class Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[Server]:
-    httpd = Server()
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield httpd
-    httpd.stop.set()
-    httpd.shutdown()
-    httpd.server_close()
+    with serving(Server()) as httpd:
+        yield httpd
 
 
 @pytest.fixture
