@@ -209,6 +209,10 @@ class Demo:
         yield session.chat(), None, hidden, "*writing…*", session
         try:
             async for event in self.client().chat([*history, exchange.user], knobs.options()):
+                if exchange.ended:
+                    # Stopped from the page: leaving the loop cancels the request now, even when the page's cancel
+                    # of this turn comes late, and a late preview or token never overwrites the "stopped" status.
+                    return
                 if isinstance(event, Preview):
                     yield (session.chat(), gr.update(), gr.update(value=event.pil(), visible=True),
                            f"*generating image {event.index + 1}: step {event.step} of {event.total_steps}…*",
