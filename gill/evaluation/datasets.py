@@ -81,16 +81,21 @@ class VistSplit:
         return list(dict.fromkeys(image_id for story in self.stories for image_id in story.image_ids))
 
 
+def read_json(path: Path, what: str) -> object:
+    """The parsed JSON of a dataset file; raises :class:`InputError` saying the file is missing (and that
+    ``what`` is the file to give) or not readable JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file; give {what}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"{path}: not a readable JSON file ({error})") from None
+
+
 def read_vist_sis(path: str | Path) -> VistSplit:
     """Parse an official VIST SIS JSON file; raises :class:`InputError` naming the first malformed entry."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file; give the SIS split, e.g. sis/val.story-in-sequence.json from "
-                         "SIS-with-labels.tar.gz") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError(f"{path}: not a readable JSON file ({error})") from None
+    data = read_json(path, "the SIS split, e.g. sis/val.story-in-sequence.json from SIS-with-labels.tar.gz")
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
         raise InputError(f"{path}: expected a JSON object with an 'annotations' list (the VIST SIS format)")
     stories: dict[str, list[VistItem]] = {}

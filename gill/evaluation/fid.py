@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from gill.errors import InputError
+from gill.evaluation.datasets import read_json
 
 MODES = ("clean", "legacy_tensorflow")  # both use the TF-FID Inception; legacy_pytorch needs other weights
 INCEPTION_FILE = "inception-2015-12-05.pt"
@@ -218,13 +219,7 @@ def read_coco_captions(path: Path) -> list[CocoCaption]:
     """The ``annotations`` of an MS-COCO captions file (``captions_val2014.json``), in file order; raises
     :class:`InputError` naming the file and the first malformed entry."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file; give an MS-COCO captions file, e.g. "
-                         "annotations/captions_val2014.json") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError(f"{path}: not a readable JSON file ({error})") from None
+    data = read_json(path, "an MS-COCO captions file, e.g. annotations/captions_val2014.json")
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
         raise InputError(f"{path}: expected an object with an 'annotations' list (the MS-COCO captions format)")
     captions = []

@@ -28,7 +28,7 @@ from typing import Any
 from PIL import Image
 
 from gill.errors import InputError
-from gill.evaluation.datasets import IMAGE_EXTENSIONS, ImageFolder
+from gill.evaluation.datasets import IMAGE_EXTENSIONS, ImageFolder, read_json
 
 
 @dataclass(frozen=True)
@@ -67,13 +67,8 @@ def read_visdial(path: str | Path) -> VisdialSplit:
     """Parse an official VisDial v1.0 JSON file; raises :class:`InputError` naming the file and the first
     malformed entry (by its JSON path, e.g. ``data.dialogs[3].dialog[2].question``)."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file; give the VisDial dialogs, e.g. visdial_1.0_val.json from "
-                         "visdial_1.0_val.zip (visualdialog.org)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError(f"{path}: not a readable JSON file ({error})") from None
+    data = read_json(path, "the VisDial dialogs, e.g. visdial_1.0_val.json from visdial_1.0_val.zip "
+                           "(visualdialog.org)")
     if not isinstance(data, dict) or not isinstance(data.get("data"), dict):
         raise _fail(path, "no top-level object with a 'data' object")
     body = data["data"]
