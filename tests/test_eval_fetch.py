@@ -61,13 +61,6 @@ class Handler(QuietHandler):
         else:
             self.reply(404, "text/plain", b"no such file")
 
-    def reply(self, status: int, content_type: str, body: bytes) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> Path:
