@@ -34,6 +34,7 @@ MAX_CAPTION = 1024
 # Inserts of ~20,000 256-d rows in one call stalled milvus-lite for minutes (issue 12): batch by bytes.
 BATCH_BYTES = 2 * 1024 * 1024
 EXACT_BELOW = 50_000  # rows: a FLAT (exact) index is fast enough and needs no training
+IVF_NLIST = 1024  # per sealed segment (see index_params)
 
 
 @dataclass(frozen=True)
@@ -190,7 +191,9 @@ def connect(uri: str) -> Any:
             warnings.simplefilter("ignore")  # milvus-lite imports pkg_resources, which warns on import
             from pymilvus import MilvusClient
 
-            return MilvusClient(uri=uri, timeout=10)
+            # A connection of its own: pymilvus shares one per address by default, and a shared one that saw the
+            # server go away stayed broken after it came back (Milvus 2.3.5 restarted, pymilvus 2.6.17).
+            return MilvusClient(uri=uri, timeout=10, dedicated=True)
     except Exception as error:  # pymilvus raises its own and grpc errors
         raise RetrievalUnavailable(f"cannot reach Milvus at {uri}: {error} (start the server, or give a .db path "
                                    f"for the embedded milvus-lite)") from None
@@ -230,16 +233,21 @@ def collection_dim(client: Any, collection: str) -> int:
 
 
 def index_params(rows: int) -> tuple[str, dict[str, int]]:
-    """The index for a collection of ``rows``: FLAT (exact) below :data:`EXACT_BELOW`, else IVF_FLAT with
-    ``nlist`` about ``4 * sqrt(rows)`` rounded to a power of two (the usual rule; 8192 at CC3M's 3.3M rows)."""
+    """The index for a collection of ``rows``: FLAT (exact) below :data:`EXACT_BELOW`, else IVF_FLAT, nlist 1024.
+
+    A Milvus server indexes each sealed segment on its own (512 MB by default: ~450k rows of 256-d), so nlist is
+    sized for a segment, not the collection: 1024 is about 1.5 sqrt(450k). The usual 4 sqrt(rows) (4096 per
+    segment) trains k-means about 4x longer for no recall gain at nprobe 16 (600k rows on 2 cores: 882 s vs
+    199 s to index, recall@3 1.0 both; docs/benchmarks.md). milvus-lite ignores both (issue 12)."""
     if rows < EXACT_BELOW:
         return "FLAT", {}
-    return "IVF_FLAT", {"nlist": int(min(16384, 2 ** round(math.log2(4 * math.sqrt(rows)))))}
+    return "IVF_FLAT", {"nlist": IVF_NLIST}
 
 
 def default_nprobe(nlist: int) -> int:
-    """Clusters searched per query: 1/128 of ``nlist`` (64 at 8192), at least 16; measured in bench/retrieval.py."""
-    return max(16, nlist // 128)
+    """Lists searched per query and segment: 1/64 of ``nlist`` (16 at 1024), at least 16; measured in
+    bench/retrieval.py."""
+    return max(16, nlist // 64)
 
 
 @dataclass(frozen=True)
@@ -288,6 +296,11 @@ def _ingest(client: Any, corpus: Corpus, uri: str, collection: str, batch_bytes:
                              f"(use another --collection, or drop it)")
     else:
         client.create_collection(collection, schema=_schema(dim))
+    # The index is declared and the collection loaded before the first insert: a Milvus server answers queries
+    # (the resume check below) only on a loaded collection, and loads only an indexed one. It then indexes each
+    # segment as it seals; milvus-lite indexes its one growing segment as rows arrive.
+    kind = ensure_index(client, collection, len(corpus))
+    client.load_collection(collection)
     order = np.argsort(corpus.ids, kind="stable")
     written = skipped = 0
     started = time.perf_counter()
@@ -309,11 +322,34 @@ def _ingest(client: Any, corpus: Corpus, uri: str, collection: str, batch_bytes:
             bar.update(len(ids))
     client.flush(collection)
     insert_s = time.perf_counter() - started
-    total = int(client.get_collection_stats(collection)["row_count"])
+    # count(*) rather than the collection statistics: on a server those still count the rows an upsert replaced.
+    total = int(client.query(collection, filter="", output_fields=["count(*)"])[0]["count(*)"])
     started = time.perf_counter()
-    kind = ensure_index(client, collection, total)
+    _wait_indexed(client, collection, total, progress)
     client.load_collection(collection)
     return IngestReport(len(corpus), written, skipped, total, insert_s, time.perf_counter() - started, kind)
+
+
+def _wait_indexed(client: Any, collection: str, total: int, progress: bool, timeout_s: float = 6 * 3600) -> None:
+    """Wait until a server has no rows waiting for an index: it indexes segments in the background as they seal,
+    then merges small ones (compaction) and indexes the merged ones again, and a search meanwhile scans
+    unindexed segments whole (3.3M rows on 2 cores: 11 minutes after the last insert). milvus-lite reports no
+    pending rows, so this returns at once."""
+    from tqdm import tqdm
+
+    deadline = time.monotonic() + timeout_s
+    with tqdm(total=total, unit="rows", desc=f"index {collection}", disable=not progress, unit_scale=True) as bar:
+        while True:
+            info = client.describe_index(collection, "vector")
+            pending = int(info.get("pending_index_rows", 0))
+            bar.n = max(0, total - pending)
+            bar.refresh()
+            if str(info.get("state", "")) == "Failed":
+                reason = info.get("index_state_fail_reason") or info
+                raise RetrievalUnavailable(f"Milvus failed to index {collection!r}: {reason}")
+            if pending <= 0 or time.monotonic() > deadline:
+                return
+            time.sleep(1.0)
 
 
 def _present(client: Any, collection: str, ids: np.ndarray) -> int:
@@ -334,7 +370,6 @@ def ensure_index(client: Any, collection: str, rows: int) -> str:
     kind, params = index_params(rows)
     spec = client.prepare_index_params()
     spec.add_index(field_name="vector", index_type=kind, metric_type="IP", params=params)
-    client.release_collection(collection)
     client.create_index(collection, spec)
     return kind
 
