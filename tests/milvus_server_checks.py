@@ -20,6 +20,7 @@ import numpy as np
 
 from gill import milvus_server
 from gill.milvus import Corpus, MilvusRetriever, connect, disconnect, ingest
+from gill.milvus import normalized as unit
 from gill.retrieval import ExactRetriever, RetrievalUnavailable
 
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
@@ -37,10 +38,6 @@ def corpus(rows: int, dim: int, seed: int, start: int = 0) -> Corpus:
     vectors = np.random.default_rng(seed).standard_normal((rows, dim)).astype(np.float32)
     ids = np.arange(start, start + rows, dtype=np.int64)
     return Corpus(ids, [f"https://example.invalid/{i}.jpg" for i in ids], [f"caption {i}" for i in ids], vectors)
-
-
-def unit(vectors: np.ndarray) -> np.ndarray:
-    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
 def main(out: Path) -> None:
