@@ -26,6 +26,7 @@ import gradio as gr  # noqa: E402
 
 from gill_client import (  # noqa: E402
     TLS,
+    AsyncChatStream,
     AsyncGillClient,
     ChatOptions,
     Done,
@@ -102,6 +103,7 @@ class Exchange:
     reply: Message | None = None
     ended: bool = False
     builder: ReplyBuilder = field(default_factory=ReplyBuilder, repr=False)
+    stream: AsyncChatStream | None = field(default=None, repr=False)
 
     @classmethod
     def start(cls, text: str, image_paths: list[str]) -> Exchange:
@@ -137,11 +139,14 @@ class Exchange:
             self.ended = True
 
     def stop(self, note: str = STOPPED) -> None:
-        """End an unfinished exchange with ``note`` (it stays on the page but leaves the model's history)."""
+        """End an unfinished exchange with ``note`` (it stays on the page but leaves the model's history) and
+        cancel its request on the server."""
         if not self.ended:
             self._seal()
             self.shown.append({"role": "assistant", "content": note})
             self.ended = True
+        if self.stream is not None:
+            self.stream.cancel()  # a no-op once the turn is over
 
     def _seal(self) -> None:
         for message in self.shown:
@@ -207,12 +212,11 @@ class Demo:
         session.exchanges.append(exchange)
         hidden = gr.update(value=None, visible=False)
         yield session.chat(), None, hidden, "*writing…*", session
+        exchange.stream = stream = self.client().chat([*history, exchange.user], knobs.options())
         try:
-            async for event in self.client().chat([*history, exchange.user], knobs.options()):
+            async for event in stream:
                 if exchange.ended:
-                    # Stopped from the page: leaving the loop cancels the request now, even when the page's cancel
-                    # of this turn comes late, and a late preview or token never overwrites the "stopped" status.
-                    return
+                    break  # stopped from the page before this event arrived
                 if isinstance(event, Preview):
                     yield (session.chat(), gr.update(), gr.update(value=event.pil(), visible=True),
                            f"*generating image {event.index + 1}: step {event.step} of {event.total_steps}…*",
@@ -223,13 +227,21 @@ class Demo:
                 preview = hidden if isinstance(event, (ImageEvent, Done)) else gr.update()
                 yield session.chat(), gr.update(), preview, status, session
         except GillClientError as error:
-            exchange.stop(f"*(failed: {error.message})*")
-            gr.Warning(f"GILL server: {error}")
-            yield session.chat(), gr.update(), hidden, f"**error:** {error}", session
+            if not exchange.ended:  # a failure, not the stop button's cancellation
+                exchange.stop(f"*(failed: {error.message})*")
+                gr.Warning(f"GILL server: {error}")
+                yield session.chat(), gr.update(), hidden, f"**error:** {error}", session
+                return
+        if exchange.reply is None:
+            # Stopped: this turn's last update says so, after any update it sent before the click (the stop
+            # button's own update may reach the page before those).
+            stream.cancel()
+            yield session.chat(), gr.update(), hidden, "*stopped*", session
 
     @staticmethod
-    def stop(session: Session) -> tuple[Any, ...]:
-        """The stop button: its click cancels the running turn (and so the server's request); this marks it."""
+    async def stop(session: Session) -> tuple[Any, ...]:
+        """The stop button: marks the running turn stopped and cancels its request on the server (the turn then
+        ends, showing the same). Runs in the event loop, like the turn it cancels."""
         if session.exchanges:
             session.exchanges[-1].stop()
         return session.chat(), gr.update(value=None, visible=False), "*stopped*", session
@@ -281,7 +293,7 @@ class Demo:
                                              elem_id="generation")
             turn = box.submit(self.respond, [box, session, frequency, words, temperature, steps, retrieval,
                                              generation], [chatbot, box, preview, status, session])
-            stop.click(self.stop, [session], [chatbot, preview, status, session], cancels=[turn])
+            stop.click(self.stop, [session], [chatbot, preview, status, session])
             undo.click(self.undo, [session], [chatbot, status, session])
             clear.click(self.clear, None, [chatbot, preview, status, session], cancels=[turn])
         # Turns spend their time waiting on the server: no limit here, Triton's queues and limits apply.
