@@ -30,7 +30,7 @@ from gill import protocol
 from gill.corpus import RetrievalSettings
 from gill.images import png_bytes
 from gill.pipeline import Pipeline
-from gill.serving.server import ServeError, TritonServer
+from gill.serving.server import ServeError, TritonServer, free_ports
 from gill.tiny import shape_image
 from gill_client import _transport as transport
 from gill_client.v1 import dialogue_pb2 as pb
@@ -150,6 +150,15 @@ def test_a_model_that_fails_to_load_is_reported_not_hung(tmp_path, tiny_dir):
     assert time.monotonic() - started < 110
     assert "gill_adapters.safetensors" in str(raised.value)
     server.stop()
+
+
+def test_a_server_gets_distinct_ports(tiny_dir, tmp_path):
+    # Ports chosen one at a time could repeat, and Triton then refused to start ("cannot listen to GRPC requests
+    # and metrics requests at the same address and port"): chosen together, they cannot.
+    assert len(set(free_ports(100))) == 100
+    for _ in range(20):
+        endpoints = TritonServer(tiny_dir, work_dir=tmp_path).endpoints
+        assert len({endpoints.grpc_port, endpoints.http_port, endpoints.metrics_port}) == 3
 
 
 def test_model_configs_take_the_checkpoint_as_a_parameter(server, served_dir):

@@ -104,9 +104,21 @@ class Endpoints:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
+    """Returns a port free on ``host`` now (another process may still take it before it is bound)."""
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """Returns ``count`` distinct ports free on ``host`` now: each probe stays bound until all are chosen, so two
+    calls in a row cannot return the same port to one server (Triton refuses to start on a shared port)."""
+    probes = [socket.socket() for _ in range(count)]
+    try:
+        for probe in probes:
+            probe.bind((host, 0))
+        return [probe.getsockname()[1] for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
 
 
 def _pytriton_dir() -> Path:
@@ -202,8 +214,9 @@ class TritonServer:
             if path is not None and not Path(path).is_file():
                 raise ServeError(f"{path}: no such file (TLS certificate and key are PEM files)")
         self.tls = (Path(tls_cert).resolve(), Path(tls_key).resolve()) if tls_cert and tls_key else None
-        self.endpoints = Endpoints(host, grpc_port or free_port(host), http_port or free_port(host),
-                                   metrics_port or free_port(host))
+        spare = iter(free_ports(3, host))  # distinct from each other; a given port is used as given
+        self.endpoints = Endpoints(host, grpc_port or next(spare), http_port or next(spare),
+                                   metrics_port or next(spare))
         self.models = models
         self._own_dir = work_dir is None
         self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="gill-serve-"))
