@@ -313,8 +313,11 @@ class TritonServer:
         except OSError:
             return "(no log)"
         noise = ("CudaDriverHelper", "Failed to initialize NVML", "DCGM")
-        failures = [line for line in text if ("failed to load" in line or "UNAVAILABLE" in line
-                                              or line.startswith("E")) and not any(n in line for n in noise)]
+        # Model failures, error lines, and the reason a refused command line gives beside its usage text.
+        reasons = ("cannot", "nrecognized", "nvalid")
+        failures = [line for line in text if ("failed to load" in line or "UNAVAILABLE" in line or line.startswith("E")
+                                              or (not line[:1].isspace() and any(r in line for r in reasons)))
+                    and not any(n in line for n in noise)]
         return "\n".join(dict.fromkeys(failures[-lines:] or text[-lines:]))
 
     def request_stop(self, grace: float = 30.0) -> None:
