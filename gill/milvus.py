@@ -191,8 +191,8 @@ def connect(uri: str) -> Any:
             warnings.simplefilter("ignore")  # milvus-lite imports pkg_resources, which warns on import
             from pymilvus import MilvusClient
 
-            # A connection of its own: pymilvus shares one per address by default, and a shared one that saw the
-            # server go away stayed broken after it came back (Milvus 2.3.5 restarted, pymilvus 2.6.17).
+            # A connection of its own (pymilvus shares one per address by default): closing one client, as a
+            # retriever does after a failed search, never touches another's.
             return MilvusClient(uri=uri, timeout=10, dedicated=True)
     except Exception as error:  # pymilvus raises its own and grpc errors
         raise RetrievalUnavailable(f"cannot reach Milvus at {uri}: {error} (start the server, or give a .db path "

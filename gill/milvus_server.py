@@ -15,6 +15,7 @@ network namespace. The tests run it in a network namespace with loopback only.
 from __future__ import annotations
 
 import contextlib
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -55,9 +56,11 @@ class LocalMilvus:
         self._server.stop()  # closes its log files
 
 
-def start(data_dir: str | Path, port: int = DEFAULT_PORT, timeout_s: float = 180.0) -> LocalMilvus:
+def start(data_dir: str | Path, port: int = DEFAULT_PORT, timeout_s: float = 180.0,
+          segment_mb: int | None = None) -> LocalMilvus:
     """Start Milvus standalone with its data, logs and binaries under ``data_dir`` and the client port ``port``;
-    returns once it answers its health check. Raises :class:`InputError` saying what to do when it cannot."""
+    returns once it answers its health check. ``segment_mb``: sealed segments' maximum size (Milvus' default
+    when None). Raises :class:`InputError` saying what to do when it cannot."""
     try:
         from milvus import MilvusServer, __version__
     except ImportError:
@@ -66,8 +69,14 @@ def start(data_dir: str | Path, port: int = DEFAULT_PORT, timeout_s: float = 180
     data_dir = Path(data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     server = MilvusServer()
+    server.config.try_bind_port = _probe_port
     server.set_base_dir(str(data_dir))
-    server.listen_port = port  # the others are found free from their defaults up
+    # This port or an error: left to itself the wheel moves the server to the next free port, and clients of a
+    # restarted server kept failing at the old one. The internal ports are found free from their defaults up.
+    server.listen_port = port
+    server.config.update(proxy_port=port)
+    if segment_mb is not None:
+        server.config.set("dataCoord.segment.maxSize", int(segment_mb))
     try:
         server.wait_for_started = False
         server.start()
@@ -79,6 +88,20 @@ def start(data_dir: str | Path, port: int = DEFAULT_PORT, timeout_s: float = 180
         raise InputError(f"Milvus {__version__} did not start: {error}; its logs are in {data_dir / 'logs'} "
                          f"(is port {port} free?)") from None
     return LocalMilvus(uri, data_dir, server.server_proc.pid, server)
+
+
+def _probe_port(port: int) -> socket.socket | None:
+    """The wheel's check that ``port`` is free, with ``SO_REUSEADDR`` as Milvus' own listeners have: without it,
+    connections of a stopped server still in TIME_WAIT made its port look taken for a minute after any restart."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+        sock.listen()
+        return sock
+    except OSError:
+        sock.close()
+        return None
 
 
 def _wait_serving(server: Any, uri: str, deadline: float) -> None:
@@ -108,9 +131,9 @@ def _wait_serving(server: Any, uri: str, deadline: float) -> None:
 
 
 @contextlib.contextmanager
-def running(data_dir: str | Path, port: int = DEFAULT_PORT) -> Iterator[LocalMilvus]:
+def running(data_dir: str | Path, port: int = DEFAULT_PORT, segment_mb: int | None = None) -> Iterator[LocalMilvus]:
     """``with running(folder) as milvus:`` a server for the block, stopped after it."""
-    server = start(data_dir, port)
+    server = start(data_dir, port, segment_mb=segment_mb)
     try:
         yield server
     finally:

@@ -14,6 +14,7 @@ import json
 import socket
 import struct
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -80,12 +81,24 @@ def main(out: Path) -> None:
                            "nprobe": retriever._search_params["params"].get("nprobe")}
 
         # Down: the retriever raises a typed error (the pipeline then generates instead, with a notice).
+        query = unit(large.vectors[picks[:1]])
         server.stop()
         try:
-            retriever.search(unit(large.vectors[:1]), 3)
+            retriever.search(query, 3)
             report["while_down"] = "answered"
         except RetrievalUnavailable as error:
             report["while_down"] = f"RetrievalUnavailable: {error}"
+        # And back: the same server restarted on the same folder and port; the same retriever answers again.
+        server = milvus_server.start(out / "milvus", port=19530)
+        started = time.monotonic()
+        report["back"] = None
+        while time.monotonic() - started < 120:
+            try:
+                report["back"] = {"first_hit": retriever.search(query, 3)[0][0].id == int(large.ids[picks[0]]),
+                                  "after_s": round(time.monotonic() - started, 1)}
+                break
+            except RetrievalUnavailable:
+                time.sleep(1)
         retriever.close()
     finally:
         server.stop()

@@ -1,5 +1,5 @@
 """The same ingest and retrieval code against a real Milvus server (Milvus 2.3.5 standalone via
-``gill.milvus_server``, the deployment that meets issue 12's latency target at CC3M scale).
+``gill.milvus_server``, the deployment for CC3M scale).
 
 Milvus 2.3 listens on every interface, and tests may bind loopback only: the checks run in a new network
 namespace whose one interface is loopback (``unshare -rn``, unprivileged user and network namespaces)."""
@@ -52,3 +52,4 @@ def test_ingest_resume_and_search_against_a_milvus_server(tmp_path):
     assert large["indexed"] == large["total"] == 60_000  # sealed and indexed by the server before ingest returns
     assert large["self_found"] == 50
     assert report["while_down"].startswith("RetrievalUnavailable: ")
+    assert report["back"] is not None and report["back"]["first_hit"], report["back"]  # and back, same retriever
