@@ -43,7 +43,17 @@ from pathlib import Path
 
 import numpy as np
 
-from gill.milvus import EXACT_BELOW, Corpus, IngestReport, MilvusRetriever, default_nprobe, index_params, ingest
+from gill.milvus import (
+    EXACT_BELOW,
+    Corpus,
+    IngestReport,
+    MilvusRetriever,
+    connect,
+    default_nprobe,
+    disconnect,
+    index_params,
+    ingest,
+)
 from gill.retrieval import RETRIEVAL_CANDIDATES, ExactRetriever
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -205,6 +215,8 @@ def measure(name: str, uri: str, corpus: Corpus, queries: np.ndarray, truth: np.
             settle.search(queries[i % len(queries)][None], K)
     finally:
         settle.close()
+    if not uri.endswith(".db"):
+        print(f"{name}: {loaded_segments(uri)}", flush=True)
     for nprobe in sweep:
         # A retriever per nprobe, as a server starts one: its first search connects (milvus-lite: starts, loads).
         retriever = MilvusRetriever(uri, COLLECTION, logit_scale=0.0, nprobe=nprobe)
@@ -223,6 +235,18 @@ def measure(name: str, uri: str, corpus: Corpus, queries: np.ndarray, truth: np.
         print(f"{name} nprobe {label}: p50 {p50:.2f} ms, p99 {p99:.2f} ms, recall@{K} {runs[-1].recall:.3f}",
               flush=True)
     return Backend(name, report, index, runs, hits, open_s, peak, uri.endswith(".db"))
+
+
+def loaded_segments(uri: str) -> str:
+    """The sealed segments the server searches, with their rows (search time grows with their number)."""
+    client = connect(uri)
+    try:
+        segments = sorted(client.list_loaded_segments(COLLECTION), key=lambda s: -int(s.num_rows))
+    finally:
+        disconnect(client, uri)
+    return f"{len(segments)} loaded segments: " + ", ".join(
+        f"{int(s.num_rows):,} rows ({s.index_name or 'no index'}, {int(s.mem_size) / 2**20:.0f} MiB)"
+        for s in segments)
 
 
 def machine() -> str:
@@ -266,6 +290,8 @@ def main() -> None:
                         help="comma-separated: lite (milvus-lite, embedded) and/or server (Milvus standalone via "
                              "gill.milvus_server, needs gill[milvus-server])")
     parser.add_argument("--port", type=int, default=19530, help="the local Milvus server's client port")
+    parser.add_argument("--segment-mb", type=int, default=None,
+                        help="the local server's sealed segment size (default: gill.milvus_server's)")
     parser.add_argument("--write", action="store_true", help="record the result in docs/benchmarks.md")
     args = parser.parse_args()
     if args.rows < K or args.queries < 1:
@@ -306,7 +332,7 @@ def main() -> None:
             elif backend == "server":
                 from gill import milvus_server
 
-                with milvus_server.running(work, port=args.port) as server:
+                with milvus_server.running(work, port=args.port, segment_mb=args.segment_mb) as server:
                     name = f"Milvus {importlib.metadata.version('milvus')} standalone (`gill milvus-server`)"
                     backends.append(measure(name, server.uri, corpus, queries, truth, sweep, chosen, args.warmup,
                                             lambda pid=server.pid: pid))

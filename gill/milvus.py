@@ -235,19 +235,20 @@ def collection_dim(client: Any, collection: str) -> int:
 def index_params(rows: int) -> tuple[str, dict[str, int]]:
     """The index for a collection of ``rows``: FLAT (exact) below :data:`EXACT_BELOW`, else IVF_FLAT, nlist 1024.
 
-    A Milvus server indexes each sealed segment on its own (512 MB by default: ~450k rows of 256-d), so nlist is
-    sized for a segment, not the collection: 1024 is about 1.5 sqrt(450k). The usual 4 sqrt(rows) (4096 per
-    segment) trains k-means about 4x longer for no recall gain at nprobe 16 (600k rows on 2 cores: 882 s vs
-    199 s to index, recall@3 1.0 both; docs/benchmarks.md). milvus-lite ignores both (issue 12)."""
+    A Milvus server indexes each sealed segment on its own (512 MB by default: about 255k rows of the corpus's
+    schema), so nlist is sized for a segment, not the collection: 1024 is about 2 sqrt(255k). The usual
+    4 sqrt(rows) (4096 per segment) trains k-means about 4x longer for no recall gain at nprobe 16 (600k rows on
+    2 cores: 882 s vs 199 s to index, recall@3 1.0 both; docs/benchmarks.md). milvus-lite ignores both (issue 12)."""
     if rows < EXACT_BELOW:
         return "FLAT", {}
     return "IVF_FLAT", {"nlist": IVF_NLIST}
 
 
 def default_nprobe(nlist: int) -> int:
-    """Lists searched per query and segment: 1/64 of ``nlist`` (16 at 1024), at least 16; measured in
-    bench/retrieval.py."""
-    return max(16, nlist // 64)
+    """Lists searched per query and segment: 1/128 of ``nlist`` (8 at 1024), at least 8. Measured with
+    bench/retrieval.py at 3.3M rows on a Milvus server (2 cores): nprobe 8 7.6 ms at recall@3 0.994, nprobe 16
+    10.0 ms at 1.000, nprobe 4 6.9 ms at 0.947."""
+    return max(8, nlist // 128)
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ def test_ingest_resume_and_search_against_a_milvus_server(tmp_path):
     assert small["again"] == [0, 3000, 3000]  # a re-run writes nothing
     assert small["index"] == "FLAT" and small["exact_matches"] == 8  # the reference's hits and scores
     large = report["large"]
-    assert (large["index"], large["nlist"], large["nprobe"]) == ("IVF_FLAT", 1024, 16)
+    assert (large["index"], large["nlist"], large["nprobe"]) == ("IVF_FLAT", 1024, 8)
     assert large["indexed"] == large["total"] == 60_000  # sealed and indexed by the server before ingest returns
     assert large["self_found"] == 50
     assert report["while_down"].startswith("RetrievalUnavailable: ")
