@@ -29,7 +29,6 @@ does: it searches its growing segment's interim index, whose nprobe is fixed), t
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import os
 import platform
 import resource
@@ -43,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gill.evaluation.report import package_version
 from gill.milvus import (
     EXACT_BELOW,
     Corpus,
@@ -259,17 +259,9 @@ def machine() -> str:
         ram = f", {memory / 2**20:.0f} GiB RAM"
     except (OSError, StopIteration):
         ram = ""
-    names = ("milvus-lite", "milvus", "pymilvus", "numpy")
-    versions = ", ".join(f"{name} {importlib.metadata.version(name)}" for name in names if installed(name))
+    found = {name: package_version(name) for name in ("milvus-lite", "milvus", "pymilvus", "numpy")}
+    versions = ", ".join(f"{name} {version}" for name, version in found.items() if version)
     return f"{model}, {platform.machine()}, {os.cpu_count()} cores{ram}; {versions}"
-
-
-def installed(name: str) -> bool:
-    try:
-        importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
 
 
 def folder_size(path: Path) -> int:
@@ -326,14 +318,14 @@ def main() -> None:
         try:
             if backend == "lite":
                 db = str(work / "bench.db")
-                name = f"milvus-lite {importlib.metadata.version('milvus-lite')} (embedded default)"
+                name = f"milvus-lite {package_version('milvus-lite')} (embedded default)"
                 backends.append(measure(name, db, corpus, queries, truth, lite_sweep, chosen, args.warmup,
                                         lambda db=db: lite_pid(db)))
             elif backend == "server":
                 from gill import milvus_server
 
                 with milvus_server.running(work, port=args.port, segment_mb=args.segment_mb) as server:
-                    name = f"Milvus {importlib.metadata.version('milvus')} standalone (`gill milvus-server`)"
+                    name = f"Milvus {package_version('milvus')} standalone (`gill milvus-server`)"
                     backends.append(measure(name, server.uri, corpus, queries, truth, sweep, chosen, args.warmup,
                                             lambda pid=server.pid: pid))
             else:

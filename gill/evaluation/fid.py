@@ -36,6 +36,7 @@ import torch
 
 from gill.errors import InputError
 from gill.evaluation.datasets import read_json
+from gill.evaluation.report import package_version
 
 MODES = ("clean", "legacy_tensorflow")  # both use the TF-FID Inception; legacy_pytorch needs other weights
 INCEPTION_FILE = "inception-2015-12-05.pt"
@@ -91,7 +92,8 @@ class InceptionFeatures:
 
     def describe(self) -> dict[str, Any]:
         return {"id": f"inception-torchscript-{self.sha256}",
-                "implementation": f"clean-fid {_version('clean-fid')} InceptionV3W (TF-FID Inception, 2048-d pool3)",
+                "implementation": f"clean-fid {package_version('clean-fid')} InceptionV3W "
+                                  "(TF-FID Inception, 2048-d pool3)",
                 "file": str(self.path), "sha256": self.sha256}
 
 
@@ -307,12 +309,3 @@ def _sha256(path: Path) -> str:
     from gill.evaluation.metrics import sha256_file
 
     return sha256_file(path)
-
-
-def _version(package: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None

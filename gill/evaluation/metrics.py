@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from gill.errors import InputError
+from gill.evaluation.report import package_version
 
 LPIPS_SIZE = 256  # the reference resizes both images to 256x256 before LPIPS
 # torchvision names its weight files <arch>-<first 8 hex digits of their sha256>.pth and checks that prefix.
@@ -246,7 +247,7 @@ class Lpips:
         linear = Path(lpips.__file__).parent / "weights" / "v0.1" / "alex.pth"
         imagenet = bool(self.alexnet_sha256 and self.alexnet_sha256.startswith(TORCHVISION_ALEXNET_SHA256_PREFIX))
         return {
-            "implementation": f"lpips {_version('lpips')} LPIPS(net='alex', version='0.1'), inputs in [-1, 1] "
+            "implementation": f"lpips {package_version('lpips')} LPIPS(net='alex', version='0.1'), inputs in [-1, 1] "
                               f"resized to {LPIPS_SIZE}x{LPIPS_SIZE} (bilinear, antialias)",
             "linear_layers_sha256": sha256_file(linear) if linear.is_file() else None,
             "alexnet_file": str(self.alexnet_path) if self.alexnet_path else None,
@@ -288,12 +289,3 @@ def recall_at_k(scores: np.ndarray, targets: Sequence[int] | np.ndarray, ks: Seq
         raise InputError("a query's target is excluded (score -inf or NaN); exclude only other candidates")
     ranks = np.sum(scores > target_scores[:, None], axis=1)  # 0 = best
     return {k: float(np.mean(ranks < k)) for k in ks}
-
-
-def _version(package: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None

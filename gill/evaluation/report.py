@@ -45,16 +45,18 @@ _PACKAGES = ("torch", "torchvision", "transformers", "diffusers", "lpips", "clea
              "gill")
 
 
-def versions() -> dict[str, str | None]:
+def package_version(package: str) -> str | None:
+    """The installed version of ``package``, or None when it is not installed."""
     from importlib.metadata import PackageNotFoundError, version
 
-    found: dict[str, str | None] = {"python": platform.python_version()}
-    for package in _PACKAGES:
-        try:
-            found[package] = version(package)
-        except PackageNotFoundError:
-            found[package] = None
-    return found
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def versions() -> dict[str, str | None]:
+    return {"python": platform.python_version(), **{package: package_version(package) for package in _PACKAGES}}
 
 
 def checkpoint_identity(directory: str | Path) -> dict[str, Any]:
