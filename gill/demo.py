@@ -233,9 +233,8 @@ class Demo:
                 yield session.chat(), gr.update(), hidden, f"**error:** {error}", session
                 return
         if exchange.reply is None:
-            # Stopped: this turn's last update says so, after any update it sent before the click (the stop
-            # button's own update may reach the page before those).
-            stream.cancel()
+            # Stopped (Exchange.stop cancelled the request): this turn's last update says so, after any update it
+            # sent before the click (the stop button's own update may reach the page before those).
             yield session.chat(), gr.update(), hidden, "*stopped*", session
 
     @staticmethod
