@@ -334,7 +334,7 @@ def _ingest(client: Any, corpus: Corpus, uri: str, collection: str, batch_bytes:
 def _wait_indexed(client: Any, collection: str, total: int, progress: bool, timeout_s: float = 6 * 3600) -> None:
     """Wait until a server has no rows waiting for an index: it indexes segments in the background as they seal,
     then merges small ones (compaction) and indexes the merged ones again, and a search meanwhile scans
-    unindexed segments whole (3.3M rows on 2 cores: 11 minutes after the last insert). milvus-lite reports no
+    unindexed segments whole (3.3M rows on 2 cores: 20-22 minutes after the last insert). milvus-lite reports no
     pending rows, so this returns at once."""
     from tqdm import tqdm
 
