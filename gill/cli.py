@@ -13,6 +13,7 @@ from gill.cli_common import console, fail
 from gill.errors import GillError
 from gill.evaluation.commands import eval_app
 from gill.options import DEFAULT_SCHEDULER
+from gill.serving.progress import DEFAULT_STALL_S
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="GILL: interleaved image-and-text dialogue.")
 
@@ -301,6 +302,9 @@ def serve(
     parameter: Annotated[list[str] | None, typer.Option(help="a model parameter, MODEL.KEY=VALUE (repeatable), for "
                                                              "example llm.max_batch=16 or diffusion.max_batch=2; "
                                                              "see each model's config.pbtxt")] = None,
+    stall_timeout: Annotated[float, typer.Option(help="seconds the llm or diffusion model may stay busy without a "
+                                                      "step before its stub counts as stuck and is reloaded")]
+    = DEFAULT_STALL_S,
 ) -> None:
     """Serve GILL with Triton: prepare the backend, start tritonserver, wait until every model is ready."""
     import shutil
@@ -324,7 +328,7 @@ def serve(
         server = TritonServer(checkpoint, host, grpc_port, http_port, metrics_port, api_key=api_key,
                               parameters=merge_parameters({"retrieval": retrieval}, limits.model_parameters(),
                                                           overrides),
-                              tls_cert=tls_cert, tls_key=tls_key, verify=False)
+                              tls_cert=tls_cert, tls_key=tls_key, verify=False, stall_s=stall_timeout)
         verify_checkpoint(checkpoint)  # here rather than in start(): outside the spinner, hashing shows progress
         with console.status(f"starting Triton with {checkpoint} (log: {server.log_path})"):
             endpoints = server.start(timeout)

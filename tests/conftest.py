@@ -100,5 +100,6 @@ def server(served_dir):
 
     parameters = SERVED_LIMITS.model_parameters()
     parameters["gill"]["heartbeat_s"] = "1"  # quiet turns get heartbeats within the tests' patience
-    with TritonServer(served_dir, api_key=API_KEY, parameters=parameters) as running:
+    # A stuck loop (tiny steps take milliseconds) is reloaded within the tests' patience.
+    with TritonServer(served_dir, api_key=API_KEY, parameters=parameters, stall_s=20) as running:
         yield running

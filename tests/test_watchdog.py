@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from gill.serving import progress
+from gill.serving.progress import Progress
 from gill.serving.watchdog import StubWatchdog, stub_model
 
 
@@ -75,3 +79,50 @@ def test_a_stopped_watchdog_reloads_nothing(tmp_path, stubs):
     stubs["mapper"].kill()
     stubs["mapper"].wait()
     assert watchdog.check() == [] and calls == []
+
+
+def test_progress_files_say_busy_while_work_is_in_flight_and_follow_its_steps(tmp_path):
+    path = tmp_path / "progress" / "llm"
+    tracker = Progress(path, every=0.0)
+    state = progress.read(path)
+    assert (state.busy, state.pid) == (False, os.getpid())
+    tracker.begin()
+    tracker.begin()
+    tracker.end()
+    assert progress.read(path).busy  # one unit of work still in flight
+    os.utime(path, (0, 0))  # as if the last step were long ago
+    assert progress.read(path).quiet_s > 1e6
+    tracker.step()
+    assert progress.read(path).quiet_s < 60
+    tracker.end()
+    assert not progress.read(path).busy
+    Progress(None).begin()  # no path: nothing kept, nothing raised
+    path.write_text("half a line")
+    assert progress.read(path) is None and progress.read(tmp_path / "missing") is None
+
+
+def _stall(tmp_path, model: str, state: str, pid: int, quiet_s: float) -> None:
+    path = tmp_path / "progress" / model
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(f"{state} {pid}")
+    os.utime(path, (time.time() - quiet_s, time.time() - quiet_s))
+
+
+def test_a_stub_busy_without_a_step_for_the_stall_timeout_is_killed_and_reloaded(tmp_path, stubs):
+    calls = []
+    watchdog = StubWatchdog(os.getpid(), tmp_path, ["mapper", "llm"],
+                            lambda action, model: calls.append((action, model)),
+                            progress_dir=tmp_path / "progress", stall_s=30)
+    watchdog._known = watchdog._stubs()
+    _stall(tmp_path, "mapper", "idle", stubs["mapper"].pid, 300)  # idle for long: nothing to do
+    _stall(tmp_path, "llm", "busy", stubs["llm"].pid, 10)  # busy, stepped 10 s ago: working
+    assert watchdog.check() == [] and calls == []
+    _stall(tmp_path, "llm", "busy", 1, 300)  # another process's file (a stub since replaced): not this one's
+    assert watchdog.check() == [] and calls == []
+    _stall(tmp_path, "llm", "busy", stubs["llm"].pid, 31)
+    assert watchdog.check() == ["llm"]
+    assert calls == [("unload", "llm"), ("load", "llm")]
+    assert stubs["llm"].wait(timeout=10) == -signal.SIGKILL
+    [recovery] = watchdog.recoveries
+    assert recovery.ok and recovery.reason == "stuck" and recovery.dead_pids == (stubs["llm"].pid,)
+    assert watchdog.check() == []  # the dead stub is not noticed a second time

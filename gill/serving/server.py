@@ -29,6 +29,7 @@ from pathlib import Path
 import requests
 
 from gill.errors import GillError
+from gill.serving.progress import DEFAULT_STALL_S
 from gill.serving.watchdog import StubWatchdog, http_control
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -161,8 +162,10 @@ def prepare_backend(target: Path) -> Path:
 
 def prepare_repository(target: Path, checkpoint: Path, models: tuple[str, ...] = ALL_MODELS,
                        source: Path = MODEL_REPOSITORY,
-                       parameters: dict[str, dict[str, str]] | None = None) -> Path:
-    """Copy the chosen models, with the ``checkpoint`` parameter of each set to ``checkpoint`` and
+                       parameters: dict[str, dict[str, str]] | None = None,
+                       progress_dir: Path | None = None) -> Path:
+    """Copy the chosen models, with the ``checkpoint`` parameter of each set to ``checkpoint``, progress kept
+    in ``progress_dir`` (one file per model: gill/serving/progress.py) when given, and
     ``parameters[model][key]`` set on the models named there."""
     if not source.is_dir():
         raise ServeError(f"{source}: model repository not found (run from a checkout of the project)")
@@ -174,6 +177,10 @@ def prepare_repository(target: Path, checkpoint: Path, models: tuple[str, ...] =
         text = config.read_text()
         if 'key: "checkpoint"' in text:
             text = set_parameter(text, "checkpoint", str(checkpoint.resolve()))
+        if progress_dir is not None and 'key: "progress_file"' in text:
+            text = set_parameter(text, "progress_file", str((progress_dir / name).resolve()))
+        if progress_dir is not None and 'key: "progress_dir"' in text:
+            text = set_parameter(text, "progress_dir", str(progress_dir.resolve()))
         for key, value in (parameters or {}).get(name, {}).items():
             try:
                 text = set_parameter(text, key, value)
@@ -201,7 +208,7 @@ class TritonServer:
                  metrics_port: int = 0, models: tuple[str, ...] = ALL_MODELS, work_dir: Path | None = None,
                  api_key: str | None = None, parameters: dict[str, dict[str, str]] | None = None,
                  tls_cert: Path | None = None, tls_key: Path | None = None, watchdog: bool = True,
-                 verify: bool = True) -> None:
+                 verify: bool = True, stall_s: float = DEFAULT_STALL_S) -> None:
         if api_key is not None and not _API_KEY.fullmatch(api_key):
             raise ServeError("an API key must be 16 to 256 characters of letters, digits and . _ ~ + / - "
                              "(for example: python -c 'import secrets; print(secrets.token_urlsafe(32))')")
@@ -225,6 +232,7 @@ class TritonServer:
         self.verify = verify
         self._watch = watchdog
         self.watchdog: StubWatchdog | None = None
+        self.stall_s = stall_s
 
     def command(self) -> list[str]:
         host = self.endpoints.host
@@ -273,7 +281,8 @@ class TritonServer:
 
             verify_checkpoint(self.checkpoint)
         prepare_backend(self.work_dir / "backends")
-        prepare_repository(self.work_dir / "models", self.checkpoint, self.models, parameters=self.parameters)
+        prepare_repository(self.work_dir / "models", self.checkpoint, self.models, parameters=self.parameters,
+                           progress_dir=self.work_dir / "progress")
         log = open(self.log_path, "wb")
         self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=_environment(),
                                         start_new_session=True)
@@ -297,7 +306,8 @@ class TritonServer:
                          if 'backend: "python"' in (self.work_dir / "models" / name / "config.pbtxt").read_text()]
         headers = {API_KEY_HEADER: self.api_key} if self.api_key else {}
         self.watchdog = StubWatchdog(self.process.pid, self.work_dir / "models", python_models,
-                                     http_control(self.endpoints.http, headers, timeout=600))
+                                     http_control(self.endpoints.http, headers, timeout=600),
+                                     progress_dir=self.work_dir / "progress", stall_s=self.stall_s)
         self.watchdog.start()
 
     def ready(self) -> bool:

@@ -6,6 +6,12 @@ and triton.md, "Stub crashes & false health"). The watchdog polls the server's c
 a model is gone (or a zombie), it unloads the model, which makes the model and the server report not ready,
 and loads it again, which starts a fresh stub. Triton then reports ready once the model has initialised.
 
+It also reloads a model whose stub is alive but stuck: with ``progress_dir``, the models that keep a progress
+file there (gill/serving/progress.py: the ``llm`` and ``diffusion`` loops) and stay busy without a step for
+``stall_s`` seconds get their stub killed, then reloaded the same way. Measured cause (Triton 2.51): when the
+``gill`` stub dies mid-turn, a response the ``llm`` or ``diffusion`` model sends to it never returns, and their
+loops, which every other turn shares, stop with it.
+
 This needs ``--model-control-mode=explicit`` (the server is started so): an unload and a load are the only
 way to replace a model's stub without restarting every model.
 """
@@ -22,15 +28,19 @@ from pathlib import Path
 import psutil
 import requests
 
+from gill.serving import progress
+from gill.serving.progress import DEFAULT_STALL_S
+
 log = logging.getLogger("gill.watchdog")
 
 
 @dataclass
 class Recovery:
-    """One model reload after its stub died."""
+    """One model reload after its stub died, or after it was killed for being stuck."""
 
     model: str
     dead_pids: tuple[int, ...]
+    reason: str = "died"  # or "stuck"
     started: float = field(default_factory=time.time)
     finished: float | None = None
     error: str | None = None
@@ -54,15 +64,19 @@ def stub_model(cmdline: list[str], repository: Path) -> str | None:
 
 class StubWatchdog:
     """Watches the stubs of ``models`` under the ``tritonserver`` process ``pid``; ``control(action, model)``
-    posts ``load`` or ``unload`` to Triton's model-repository API and raises on failure."""
+    posts ``load`` or ``unload`` to Triton's model-repository API and raises on failure. With ``progress_dir``,
+    also the progress files there (one per model, named after it)."""
 
     def __init__(self, pid: int, repository: Path, models: Iterable[str], control: Callable[[str, str], None],
-                 interval: float = 1.0, load_timeout: float = 600.0) -> None:
+                 interval: float = 1.0, load_timeout: float = 600.0, progress_dir: Path | None = None,
+                 stall_s: float = DEFAULT_STALL_S) -> None:
         self.repository = repository.resolve()
         self.models = frozenset(models)
         self.control = control
         self.interval = interval
         self.load_timeout = load_timeout
+        self.progress_dir = progress_dir
+        self.stall_s = stall_s
         self.recoveries: list[Recovery] = []
         self._server = psutil.Process(pid)
         self._known: dict[str, set[int]] = {}
@@ -96,7 +110,7 @@ class StubWatchdog:
         return alive
 
     def check(self) -> list[str]:
-        """One poll: the models whose stubs died since the last poll (each is then reloaded)."""
+        """One poll: the models whose stubs died since the last poll, or are stuck (each is then reloaded)."""
         current = self._stubs()
         dead = []
         for model, pids in current.items():
@@ -105,14 +119,55 @@ class StubWatchdog:
                 dead.append(model)
                 self._recover(model, tuple(sorted(lost)))
                 current[model] = self._stubs()[model]
+            elif pids and not self._stop.is_set() and self._stuck(model, pids):
+                dead.append(model)
+                self._kill(pids)
+                self._recover(model, tuple(sorted(pids)), reason="stuck")
+                current[model] = self._stubs()[model]
             self._known[model] = current[model]
         return dead
 
-    def _recover(self, model: str, pids: tuple[int, ...]) -> None:
-        recovery = Recovery(model, pids)
+    def _stuck(self, model: str, pids: set[int]) -> bool:
+        """Whether the model's stub has had work in flight and no step for ``stall_s`` seconds."""
+        if self.progress_dir is None:
+            return False
+        state = progress.read(self.progress_dir / model)
+        if state is None or not state.busy or state.quiet_s < self.stall_s or state.pid not in pids:
+            return False
+        log.error("model %s: busy without a step for %.0f s (stall timeout %g s): its stub %d is stuck; killing it",
+                  model, state.quiet_s, self.stall_s, state.pid)
+        return True
+
+    @staticmethod
+    def _kill(pids: set[int], timeout: float = 10.0) -> None:
+        """SIGKILL the stubs and wait until they are gone or zombies (Triton reaps them; dead all the same)."""
+        processes = []
+        for pid in pids:
+            try:
+                process = psutil.Process(pid)
+                process.kill()
+                processes.append(process)
+            except psutil.NoSuchProcess:
+                continue
+        deadline = time.monotonic() + timeout
+        for process in processes:
+            while time.monotonic() < deadline:
+                try:
+                    if process.status() == psutil.STATUS_ZOMBIE:
+                        break
+                except psutil.NoSuchProcess:
+                    break
+                time.sleep(0.05)
+
+    def _recover(self, model: str, pids: tuple[int, ...], reason: str = "died") -> None:
+        recovery = Recovery(model, pids, reason=reason)
         self.recoveries.append(recovery)
-        log.error("model %s: stub process %s died; reloading the model (not ready until it is back)",
-                  model, ", ".join(map(str, pids)))
+        if reason == "died":
+            log.error("model %s: stub process %s died; reloading the model (not ready until it is back)",
+                      model, ", ".join(map(str, pids)))
+        else:
+            log.error("model %s: reloading the model after killing its stuck stub (not ready until it is back)",
+                      model)
         try:
             self.control("unload", model)
             self.control("load", model)

@@ -19,6 +19,7 @@ from gill.limits import Limits  # noqa: E402
 from gill.model import default_dtype  # noqa: E402
 from gill.options import GenerationOptions  # noqa: E402
 from gill.serving import backend  # noqa: E402
+from gill.serving.progress import Progress  # noqa: E402
 
 
 class TritonPythonModel:
@@ -38,6 +39,7 @@ class TritonPythonModel:
         if not max_batch.isdigit() or int(max_batch) < 1 or not window_ms.isdigit() or int(window_ms) > 10_000:
             raise ConfigError(f"diffusion parameters max_batch={max_batch!r}, batch_window_ms={window_ms!r} "
                               "(allowed: an integer >= 1, and whole milliseconds in [0, 10000])")
+        self.progress = Progress(params.get("progress_file"))  # for the stub watchdog: a stuck loop is reloaded
         self.batcher = DiffusionBatcher(self.generator, int(max_batch), int(window_ms) / 1000,
                                         on_batch=lambda size: self.batches.add())
 
@@ -64,6 +66,7 @@ class TritonPythonModel:
 
         def on_step(step: int, total: int) -> None:
             done[:] = [step, total]
+            self.progress.step()
             self.steps.add()
             if progress:
                 sender.send(pb_utils.InferenceResponse(self._progress(step, total)))
@@ -72,16 +75,21 @@ class TritonPythonModel:
             outputs = self._progress(step, total) + [backend.bytes_tensor("PREVIEW", [png_bytes(image)])]
             sender.send(pb_utils.InferenceResponse(outputs))
 
-        # Requests with the same loop settings denoise together (max_batch, batch_window_ms in config.pbtxt).
-        image = self.batcher.generate(
-            GenerationJob(embeds, options.seed, cancel, on_preview, options.preview_every, on_step),
-            LoopSettings(options.scheduler, options.num_inference_steps, options.guidance_scale))
-        if image is None:
-            self.outcomes.add(outcome="cancelled")
-            pb_utils.Logger.log_info(f"diffusion {request.request_id()!r} cancelled after step {done[0]} of {done[1]}")
-            return
-        self.outcomes.add(outcome="completed")
-        sender.send(pb_utils.InferenceResponse([backend.bytes_tensor("IMAGE", [png_bytes(image)])]))
+        self.progress.begin()
+        try:
+            # Requests with the same loop settings denoise together (max_batch, batch_window_ms in config.pbtxt).
+            image = self.batcher.generate(
+                GenerationJob(embeds, options.seed, cancel, on_preview, options.preview_every, on_step),
+                LoopSettings(options.scheduler, options.num_inference_steps, options.guidance_scale))
+            if image is None:
+                self.outcomes.add(outcome="cancelled")
+                pb_utils.Logger.log_info(
+                    f"diffusion {request.request_id()!r} cancelled after step {done[0]} of {done[1]}")
+                return
+            self.outcomes.add(outcome="completed")
+            sender.send(pb_utils.InferenceResponse([backend.bytes_tensor("IMAGE", [png_bytes(image)])]))
+        finally:
+            self.progress.end()
 
     @staticmethod
     def _progress(step: int, total: int) -> list:

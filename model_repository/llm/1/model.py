@@ -22,6 +22,7 @@ from gill.errors import InputError  # noqa: E402
 from gill.model import GILL  # noqa: E402
 from gill.options import GenerationOptions  # noqa: E402
 from gill.serving import backend  # noqa: E402
+from gill.serving.progress import Progress  # noqa: E402
 
 
 class TritonPythonModel:
@@ -31,7 +32,8 @@ class TritonPythonModel:
         self.interval = float(params.get("stream_interval_ms", "50")) / 1000
         self.decoder = Decoder(self.model.lm, self.model.tokens)
         self.steps = StepCounter()
-        self.engine = ContinuousDecoder(self.decoder, int(params.get("max_batch", "8")), on_step=self.steps.add)
+        self.progress = Progress(params.get("progress_file"))  # for the stub watchdog: a stuck loop is reloaded
+        self.engine = ContinuousDecoder(self.decoder, int(params.get("max_batch", "8")), on_step=self._stepped)
         self.cancels = backend.CancelRegistry()
         self.tokens_total = backend.Counter("gill_tokens_generated_total", "Tokens sampled by the LLM")
 
@@ -51,12 +53,21 @@ class TritonPythonModel:
                     raise InputError(f"OPTIONS is not valid JSON: {error}") from error
                 flag = self.cancels.register(request.request_id())
                 turn = Turn(sender, self.interval, self.tokens_total,
-                            lambda rid=request.request_id(): self.cancels.release(rid))
-                self.engine.submit(prompt, options, turn.emit, backend.checker(request, flag))
+                            lambda rid=request.request_id(): self.cancels.release(rid), self.progress.end)
+                self.progress.begin()
+                try:
+                    self.engine.submit(prompt, options, turn.emit, backend.checker(request, flag))
+                except Exception:
+                    self.progress.end()
+                    raise
             except Exception as error:  # noqa: BLE001 - bad input ends this request only
                 self.cancels.release(request.request_id())
                 sender.send(backend.error_response(error), flags=backend.FINAL)
         return None
+
+    def _stepped(self, rows: int) -> None:
+        self.steps.add(rows)
+        self.progress.step()
 
     def _prompt(self, request) -> torch.Tensor:
         ids = backend.optional_input(request, "INPUT_IDS")
@@ -80,8 +91,9 @@ class Turn:
     within it travel together; the first, the last and those before an image go at once), IMG_STATES when an
     image's chunk went through the LM, FINAL at the end."""
 
-    def __init__(self, sender, interval: float, tokens_total, release) -> None:
-        self.sender, self.interval, self.tokens_total, self.release = sender, interval, tokens_total, release
+    def __init__(self, sender, interval: float, tokens_total, release, ended) -> None:
+        self.sender, self.interval, self.tokens_total = sender, interval, tokens_total
+        self.release, self.ended = release, ended  # before the last sends, and after them
         self.pending: list[int] = []
         self.last_sent = 0.0
 
@@ -97,9 +109,12 @@ class Turn:
             self.sender.send(pb_utils.InferenceResponse([backend.tensor("IMG_STATES", event.states[None])]))
         else:
             self.release()
-            if event.error is not None:
-                self.sender.send(backend.error_response(event.error))
-            self.sender.send(flags=backend.FINAL)
+            try:
+                if event.error is not None:
+                    self.sender.send(backend.error_response(event.error))
+                self.sender.send(flags=backend.FINAL)
+            finally:
+                self.ended()
 
     def _flush(self, reason: str) -> None:
         outputs = [backend.tensor("TOKENS", np.array(self.pending, dtype=np.int64)),

@@ -1,0 +1,84 @@
+"""A stub's sign of life, through a small file the stub watchdog reads (gill/serving/watchdog.py).
+
+While work is in flight the file reads ``busy <pid>`` and its mtime follows the last step; ``idle <pid>``
+otherwise. Work whose steps stop while it is in flight is stuck: Triton 2.51 blocks a response send to a BLS
+caller whose stub died, and with it the loop that sends (measured: the ``llm`` decode loop and the ``diffusion``
+loop, after the ``gill`` stub died mid-turn). The watchdog then reloads the model. The pid tells a caller a
+reloaded stub from the one that took its request (``gill/serving/remote.py``).
+
+One file per model: the models that keep one (``llm``, ``diffusion``) run one instance each, as their configs
+say. Written inside the stubs, read by ``gill serve``'s process and the ``gill`` stub: no Triton import here.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+# Seconds a busy model may go without a step before it counts as stuck: far above a decode or denoising step on
+# a GPU, and above a paper-scale step on a CPU; `gill serve --stall-timeout` sets it.
+DEFAULT_STALL_S = 120.0
+
+
+class Progress:
+    """The writer, in a stub: :meth:`begin` and :meth:`end` bracket each unit of work (a turn, an image),
+    :meth:`step` marks an advance (written at most every ``every`` s). No ``path``: off."""
+
+    def __init__(self, path: str | Path | None, every: float = 1.0) -> None:
+        self.path = Path(path) if path else None
+        self.every = every
+        self.active = 0
+        self.written = 0.0
+        self._lock = threading.Lock()
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._write("idle")  # a reloaded stub replaces its predecessor's state
+
+    def begin(self) -> None:
+        with self._lock:
+            self.active += 1
+            if self.active == 1:
+                self._write("busy")
+
+    def end(self) -> None:
+        with self._lock:
+            self.active -= 1
+            if self.active == 0:
+                self._write("idle")
+
+    def step(self) -> None:
+        if self.path is None or time.monotonic() - self.written < self.every:
+            return
+        with self._lock:
+            if self.active:
+                self._write("busy")
+
+    def _write(self, state: str) -> None:
+        if self.path is None:
+            return
+        partial = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        partial.write_text(f"{state} {os.getpid()}")
+        os.replace(partial, self.path)  # atomic: a reader never sees half a file
+        self.written = time.monotonic()
+
+
+@dataclass(frozen=True)
+class State:
+    busy: bool
+    pid: int
+    quiet_s: float  # seconds since the last write (the last step, while busy)
+
+
+def read(path: Path) -> State | None:
+    """The state a :class:`Progress` file records; None if there is none (yet)."""
+    try:
+        with open(path) as file:
+            words, mtime = file.read().split(), os.fstat(file.fileno()).st_mtime
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if len(words) != 2 or words[0] not in ("busy", "idle") or not words[1].isdigit():
+        return None
+    return State(words[0] == "busy", int(words[1]), max(0.0, time.time() - mtime))
