@@ -177,7 +177,7 @@ def test_the_orchestrator_killed_mid_turn_fails_the_turn_fast(tiny_dir):
     the Python backend when the stub died holding a shared-memory lock; measured). Either way the client gets a
     typed, retryable error within seconds instead of waiting for its deadline."""
     options = ChatOptions(gen_scale_factor=1e5, max_new_tokens=1, num_inference_steps=200, preview_every=1, seed=1)
-    with TritonServer(tiny_dir, parameters={"gill": {"heartbeat_s": "1"}}) as server:
+    with TritonServer(tiny_dir, parameters={"gill": {"heartbeat_s": "1"}}, stall_s=30) as server:
         seen = []
         with GillClient(server.endpoints.grpc, idle_timeout=4) as client:
             with pytest.raises(Unavailable) as raised:
@@ -191,5 +191,33 @@ def test_the_orchestrator_killed_mid_turn_fails_the_turn_fast(tiny_dir):
             assert "lock_exception" in server.log_path.read_text() or server.process.returncode != 0
             return
         assert "no response from the server for 4 s" in str(raised.value)
-        _wait_recovered(server, "gill", 0)
+        _wait(lambda: any(r.model == "gill" and r.finished for r in server.watchdog.recoveries), 180,
+              "the watchdog reloads gill")
         assert kinds(events(server, request(user("hello"), **CHEAP)))[-1] == "done"
+        # The diffusion loop was sending a preview to the dead stub: Triton 2.51 never returns from that send, and
+        # the loop stops with it. The watchdog finds the model busy without a step for stall_s and reloads it; a
+        # turn caught waiting on it ends Unavailable (the stub serving it stopped) instead of never, and is retried.
+        asked = time.time()
+        reply, lost = _image_turn_retrying(server, within=150)
+        assert reply.images, (reply, lost)
+        stuck = [r for r in server.watchdog.recoveries if r.reason == "stuck"]
+        assert [r.model for r in stuck] == ["diffusion"] and stuck[0].ok, server.watchdog.recoveries
+        assert all("not ready" in error or "stub process serving this turn stopped" in error for error in lost), lost
+        if asked < stuck[0].started:  # the turn reached the stuck loop (the usual case: stall_s outlasts gill's reload)
+            assert lost and "stub process serving this turn stopped" in lost[0], lost
+
+
+def _image_turn_retrying(server, within: float):
+    """A cheap generated-image turn, asked again after each Unavailable for up to ``within`` s; each attempt has a
+    60-s deadline (a turn left waiting for ever would miss it). Returns the reply and the errors on the way."""
+    options = ChatOptions(gen_scale_factor=1e5, min_word_tokens=1, max_new_tokens=4, num_inference_steps=2,
+                          allow_retrieval=False, seed=2)
+    lost, started = [], time.monotonic()
+    with GillClient(server.endpoints.grpc, timeout=60) as client:
+        while True:
+            try:
+                return client.chat("show me a picture of a red circle", options).collect(), lost
+            except Unavailable as error:
+                lost.append(str(error))
+                assert time.monotonic() - started < within, lost
+                time.sleep(1)

@@ -23,7 +23,7 @@ class TritonPythonModel:
     def initialize(self, args):
         params = backend.parameters(args)
         self.limits = Limits.from_parameters(params)  # limit_* parameters; a bad one fails the model's load
-        self.pipeline = Pipeline(RemoteComponents(params["checkpoint"]))
+        self.pipeline = Pipeline(RemoteComponents(params["checkpoint"], params.get("progress_dir")))
         self.interval = float(params.get("stream_interval_ms", "50")) / 1000
         # A turn that sent nothing for this long gets an empty response: clients tell a slow turn from a lost one.
         self.heartbeats = backend.Heartbeats(float(params.get("heartbeat_s", "5")))
