@@ -31,8 +31,10 @@ TURNS_PER_CONVERSATION = 4
 # ... is not healthy" when it is the dialogue model's own stub; the watchdog reloads the model within about 30 s.
 # Triton 2.51's Python backend touches Python objects without the GIL on some paths (docs/reliability.md), so
 # under heavy concurrency a stub can die. The soak retries such a turn as a client should, counts it as lost and
-# retried, and fails only a turn that does not come back within RETRY_WITHIN_S.
-RETRY_WITHIN_S = 90.0
+# retried, and fails only a turn that does not come back within RETRY_WITHIN_S. When the `gill` stub dies
+# mid-turn, the llm and diffusion loops that were sending to it are stuck until the watchdog's stall timeout
+# reloads them too: the client's idle timeout (30 s), the stall timeout and three reloads (about 15 s each).
+RETRY_WITHIN_S = 240.0
 
 
 @dataclass
@@ -130,7 +132,7 @@ def _ask(conversation, parts: list, options: ChatOptions, index: int, turn: int,
             if not _stub_died(error) or time.monotonic() > deadline:
                 raise
             with lock:
-                if not report.retried or not report.retried[-1].startswith(f"client {index} turn {turn}:"):
+                if not any(lost.startswith(f"client {index} turn {turn}:") for lost in report.retried):
                     report.retried.append(f"client {index} turn {turn}: {type(error).__name__}: {error}")
             time.sleep(1.0)
 
