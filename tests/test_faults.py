@@ -48,6 +48,15 @@ def _wait(condition, timeout: float, what: str) -> float:
     return time.monotonic() - started
 
 
+def _serves(server) -> bool:
+    """Whether a cheap text turn completes now (a stuck llm is reloaded by the watchdog meanwhile)."""
+    try:
+        return _ready(server) and kinds(events(server, request(user("hello"), **CHEAP)))[-1] == "done"
+    except Exception:  # noqa: BLE001 - a model being reloaded: not yet
+        time.sleep(1)
+        return False
+
+
 def _kill_stub(server, model: str) -> int:
     [stub] = _stubs(server, model)
     stub.kill()
@@ -125,6 +134,11 @@ def test_a_burst_of_cancellations_leaves_no_turn_behind(server):
         thread.start()
     for thread in threads:
         thread.join(timeout=180)
+    deaths = [r for r in server.watchdog.recoveries[recoveries_before:] if r.reason == "died"]
+    if deaths:  # the turns in flight are lost (Unavailable), not cancelled; the server must come back all the same
+        _wait(lambda: _serves(server), 240, "the server serves again after the stub's death")
+        pytest.xfail(f"the {deaths[0].model} stub died in the burst: Triton 2.51's Python-backend race "
+                     "(docs/reliability.md, issue 6), not the cancellations under test")
     assert len(outcomes) == burst and "cancelled" in outcomes, outcomes
     # The server saw every turn end (cancelled or not): none is left running or lost.
     _wait(lambda: metric(server, "gill_turns_total") - turns_before == burst, 60, "every turn of the burst ends")
@@ -196,24 +210,26 @@ def test_the_orchestrator_killed_mid_turn_fails_the_turn_fast(tiny_dir):
         assert kinds(events(server, request(user("hello"), **CHEAP)))[-1] == "done"
         # The diffusion loop was sending a preview to the dead stub: Triton 2.51 never returns from that send, and
         # the loop stops with it. The watchdog finds the model busy without a step for stall_s and reloads it; a
-        # turn caught waiting on it ends Unavailable (the stub serving it stopped) instead of never, and is retried.
+        # turn caught waiting on it loses its heartbeats once that stub is dead, so the client's idle timeout ends
+        # it (Unavailable) instead of its deadline, and it is retried.
         asked = time.time()
         reply, lost = _image_turn_retrying(server, within=150)
         assert reply.images, (reply, lost)
         stuck = [r for r in server.watchdog.recoveries if r.reason == "stuck"]
         assert [r.model for r in stuck] == ["diffusion"] and stuck[0].ok, server.watchdog.recoveries
-        assert all("not ready" in error or "stub process serving this turn stopped" in error for error in lost), lost
+        assert all("not ready" in error or "no response from the server for 10 s" in error for error in lost), lost
         if asked < stuck[0].started:  # the turn reached the stuck loop (the usual case: stall_s outlasts gill's reload)
-            assert lost and "stub process serving this turn stopped" in lost[0], lost
+            assert lost and "no response from the server for 10 s" in lost[0], lost
 
 
 def _image_turn_retrying(server, within: float):
     """A cheap generated-image turn, asked again after each Unavailable for up to ``within`` s; each attempt has a
-    60-s deadline (a turn left waiting for ever would miss it). Returns the reply and the errors on the way."""
+    60-s deadline (a turn left waiting for ever, heartbeats and all, would miss it) and a 10-s idle timeout.
+    Returns the reply and the errors on the way."""
     options = ChatOptions(gen_scale_factor=1e5, min_word_tokens=1, max_new_tokens=4, num_inference_steps=2,
                           allow_retrieval=False, seed=2)
     lost, started = [], time.monotonic()
-    with GillClient(server.endpoints.grpc, timeout=60) as client:
+    with GillClient(server.endpoints.grpc, timeout=60, idle_timeout=10) as client:
         while True:
             try:
                 return client.chat("show me a picture of a red circle", options).collect(), lost

@@ -126,3 +126,14 @@ def test_a_stub_busy_without_a_step_for_the_stall_timeout_is_killed_and_reloaded
     [recovery] = watchdog.recoveries
     assert recovery.ok and recovery.reason == "stuck" and recovery.dead_pids == (stubs["llm"].pid,)
     assert watchdog.check() == []  # the dead stub is not noticed a second time
+
+
+def test_a_turn_can_tell_that_a_stub_serving_it_has_died(tmp_path, stubs):
+    _stall(tmp_path, "llm", "busy", stubs["llm"].pid, 0)
+    _stall(tmp_path, "diffusion", "idle", 999_999_999, 0)  # already dead when the turn begins: not watched
+    alive = progress.stubs_alive(tmp_path / "progress", ("llm", "diffusion", "missing"))
+    assert alive()
+    stubs["llm"].kill()
+    stubs["llm"].wait()
+    assert not alive()
+    assert progress.stubs_alive(None, ("llm",))()  # no progress files: nothing to tell

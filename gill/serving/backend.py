@@ -242,7 +242,8 @@ class Heartbeats:
     longer knows the turn is lost: Triton 2.51 leaves a stream open forever when its model's stub dies.
 
     Turns are known by their response sender: ``send(sender, response)`` serialises a turn's sends with its
-    heartbeats; ``end(sender)`` before FINAL."""
+    heartbeats; ``end(sender)`` before FINAL. A turn begun with ``alive`` gets no more heartbeats once ``alive()``
+    is false (a stub it may be waiting on died), so that its client's idle timeout ends it."""
 
     def __init__(self, interval: float) -> None:
         self.interval = interval
@@ -251,9 +252,9 @@ class Heartbeats:
         if interval > 0:
             threading.Thread(target=self._run, name="gill-heartbeats", daemon=True).start()
 
-    def begin(self, sender) -> None:
+    def begin(self, sender, alive: Callable[[], bool] | None = None) -> None:
         with self._lock:
-            self._turns[sender] = [threading.Lock(), time.monotonic()]
+            self._turns[sender] = [threading.Lock(), time.monotonic(), alive]
 
     def send(self, sender, response) -> None:
         with self._lock:
@@ -281,7 +282,7 @@ class Heartbeats:
                     with self._lock:
                         if sender not in self._turns:
                             continue
-                    if time.monotonic() - entry[1] >= self.interval:
+                    if time.monotonic() - entry[1] >= self.interval and (entry[2] is None or entry[2]()):
                         try:
                             sender.send(pb_utils.InferenceResponse(output_tensors=[]))
                             entry[1] = time.monotonic()

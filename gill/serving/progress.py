@@ -3,8 +3,8 @@
 While work is in flight the file reads ``busy <pid>`` and its mtime follows the last step; ``idle <pid>``
 otherwise. Work whose steps stop while it is in flight is stuck: Triton 2.51 blocks a response send to a BLS
 caller whose stub died, and with it the loop that sends (measured: the ``llm`` decode loop and the ``diffusion``
-loop, after the ``gill`` stub died mid-turn). The watchdog then reloads the model. The pid tells a caller a
-reloaded stub from the one that took its request (``gill/serving/remote.py``).
+loop, after the ``gill`` stub died mid-turn). The watchdog then reloads the model. The pid tells a caller that
+the stub its request may be waiting on has died since (:func:`stubs_alive`).
 
 One file per model: the models that keep one (``llm``, ``diffusion``) run one instance each, as their configs
 say. Written inside the stubs, read by ``gill serve``'s process and the ``gill`` stub: no Triton import here.
@@ -15,8 +15,11 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 # Seconds a busy model may go without a step before it counts as stuck: far above a decode or denoising step on
 # a GPU, and above a paper-scale step on a CPU; `gill serve --stall-timeout` sets it.
@@ -82,3 +85,21 @@ def read(path: Path) -> State | None:
     if len(words) != 2 or words[0] not in ("busy", "idle") or not words[1].isdigit():
         return None
     return State(words[0] == "busy", int(words[1]), max(0.0, time.time() - mtime))
+
+
+def stubs_alive(progress_dir: str | Path | None, models: Iterable[str]) -> Callable[[], bool]:
+    """A check that stays true while every stub serving ``models`` now (per their progress files) is alive, so a
+    turn can tell that a stream it may be waiting on will never end: Triton 2.51 leaves the BLS streams of a dead
+    stub open, and a request sent to a stuck stub never returns. Always true without progress files."""
+    if not progress_dir:
+        return lambda: True
+    states = [read(Path(progress_dir) / model) for model in models]
+    pids = [state.pid for state in states if state is not None and _alive(state.pid)]  # a dead one answers at once
+    return lambda: all(_alive(pid) for pid in pids)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -7,17 +7,13 @@ request can stop the ``llm`` or ``diffusion`` work behind them: the response ite
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import queue
-import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
-import psutil
 import torch
 import triton_python_backend_utils as pb_utils
 from PIL import Image
@@ -31,7 +27,7 @@ from gill.images import load_image, png_bytes
 from gill.model import Decision
 from gill.options import GenerationOptions
 from gill.retrieval import RETRIEVAL_CANDIDATES, Hit, RetrievalFailed, RetrievalUnavailable
-from gill.serving import backend, progress
+from gill.serving import backend
 from gill.tokens import load_tokenizer
 
 CLIP_MAX_BATCH = 8  # model_repository/clip/config.pbtxt max_batch_size
@@ -77,52 +73,10 @@ def _check(response, model: str) -> None:
         raise StageError(f"{model}: {message}")
 
 
-class _Feed:
-    """A decoupled BLS request, sent and its responses read on a thread of its own, so that waiting can end when
-    the stub serving it is gone (``gone()``, asked every ``poll_s`` of quiet): Triton 2.51 then delivers nothing
-    more, not even an end, and a request sent to a stuck stub never even returns from ``exec`` (measured). The
-    thread stops after the last response or an error; one left waiting on a dead stub is abandoned."""
-
-    _END = object()
-
-    def __init__(self, model: str, request, gone: Callable[[], bool], poll_s: float = 1.0) -> None:
-        self.model, self.gone, self.poll_s = model, gone, poll_s
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._read, args=(request,), name=f"gill-bls-{model}", daemon=True).start()
-
-    def _read(self, request) -> None:
-        try:
-            for response in request.exec(decoupled=True):
-                self._queue.put(response)
-                if response.has_error():
-                    break
-        except Exception as error:  # noqa: BLE001 - handed to the reader, who raises it
-            self._queue.put(error)
-        finally:
-            self._queue.put(self._END)
-
-    def __iter__(self) -> Iterator:
-        while True:
-            try:
-                item = self._queue.get(timeout=self.poll_s)
-            except queue.Empty:
-                if self.gone():
-                    raise StageUnavailable(f"{self.model}: the stub process serving this turn stopped (it died, or "
-                                           "was stuck and is being reloaded); retry the turn") from None
-                continue
-            if item is self._END:
-                return
-            if isinstance(item, Exception):
-                raise item
-            yield item
-
-
 class RemoteComponents:
-    """Stages served by the ``clip``, ``llm``, ``mapper``, ``retrieval`` and ``diffusion`` models; with
-    ``progress_dir`` (the models' progress files), a stream whose serving stub is gone ends the turn."""
+    """Stages served by the ``clip``, ``llm``, ``mapper``, ``retrieval`` and ``diffusion`` models."""
 
-    def __init__(self, checkpoint: str | Path, progress_dir: str | Path | None = None) -> None:
-        self.progress_dir = Path(progress_dir) if progress_dir else None
+    def __init__(self, checkpoint: str | Path) -> None:
         checkpoint = Path(checkpoint)
         args = GILLArgs.load(checkpoint)
         self.tokenizer, self.tokens = load_tokenizer(
@@ -139,27 +93,20 @@ class RemoteComponents:
 
     @staticmethod
     def _cancel(model: str, request_id: str) -> None:
-        """Tell ``model`` to stop request ``request_id``, on a thread of its own: a stuck stub never answers."""
-
-        def send() -> None:
-            control = [backend.bytes_tensor("CANCEL", [request_id.encode()])]
-            request = pb_utils.InferenceRequest(model_name=model, inputs=control, requested_output_names=[])
-            for _ in request.exec(decoupled=True):
-                pass
-
-        threading.Thread(target=send, name=f"gill-cancel-{model}", daemon=True).start()
+        control = [backend.bytes_tensor("CANCEL", [request_id.encode()])]
+        request = pb_utils.InferenceRequest(model_name=model, inputs=control, requested_output_names=[])
+        for _ in request.exec(decoupled=True):
+            pass
 
     def _stream(self, model: str, inputs: list, outputs: list[str], cancel: Callable[[], bool] | None) -> Iterator:
         """Responses of a decoupled model; when ``cancel()`` turns true, or the caller stops reading, the model
-        is told to stop (and its remaining responses are drained). A stream whose serving stub dies meanwhile
-        raises :class:`StageUnavailable`: Triton 2.51 would leave it open for ever."""
+        is told to stop (and its remaining responses are drained)."""
         request_id = f"{model}-{uuid.uuid4().hex}"
-        gone = self._stub_gone(model)  # before sending: the stub that will take the request, or its successor
-        feed = _Feed(model, pb_utils.InferenceRequest(model_name=model, inputs=inputs, requested_output_names=outputs,
-                                                      request_id=request_id), gone)
+        responses = pb_utils.InferenceRequest(model_name=model, inputs=inputs, requested_output_names=outputs,
+                                              request_id=request_id).exec(decoupled=True)
         finished = cancelled = False
         try:
-            for response in feed:
+            for response in responses:
                 # An error is the model's last word: Triton delivers nothing after it, so draining would hang.
                 finished = response.has_error()
                 _check(response, model)
@@ -171,33 +118,12 @@ class RemoteComponents:
                     break
             else:
                 finished = True
-        except StageUnavailable:
-            finished = True  # nothing more will come, and nothing is left to stop
-            raise
         finally:
             if not finished:
                 if not cancelled:
                     self._cancel(model, request_id)
-                with contextlib.suppress(StageUnavailable):  # a stub gone while draining: nothing to close
-                    for _ in feed:  # let the stream close cleanly
-                        pass
-
-    def _stub_gone(self, model: str) -> Callable[[], bool]:
-        """A check that turns true once the stub process in ``model``'s progress file now (gill/serving/progress.py)
-        has died; never true without a progress file. A request sent after this call and taken by a successor
-        (a reload in between) is given up too: the client retries it."""
-        state = progress.read(self.progress_dir / model) if self.progress_dir is not None else None
-        if state is None:
-            return lambda: False
-        serving = state.pid
-
-        def gone() -> bool:
-            try:
-                return psutil.Process(serving).status() == psutil.STATUS_ZOMBIE
-            except psutil.NoSuchProcess:
-                return True
-
-        return gone
+                for _ in responses:  # let the stream close cleanly
+                    pass
 
     def encode_images(self, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
         prefixes, vectors = [], []

@@ -15,7 +15,7 @@ from gill.errors import InputError  # noqa: E402
 from gill.events import Done, ImageResult, TextDelta  # noqa: E402
 from gill.limits import Limits  # noqa: E402
 from gill.pipeline import Pipeline  # noqa: E402
-from gill.serving import backend  # noqa: E402
+from gill.serving import backend, progress  # noqa: E402
 from gill.serving.remote import RemoteComponents, StageUnavailable  # noqa: E402
 
 
@@ -23,7 +23,8 @@ class TritonPythonModel:
     def initialize(self, args):
         params = backend.parameters(args)
         self.limits = Limits.from_parameters(params)  # limit_* parameters; a bad one fails the model's load
-        self.pipeline = Pipeline(RemoteComponents(params["checkpoint"], params.get("progress_dir")))
+        self.pipeline = Pipeline(RemoteComponents(params["checkpoint"]))
+        self.progress_dir = params.get("progress_dir")
         self.interval = float(params.get("stream_interval_ms", "50")) / 1000
         # A turn that sent nothing for this long gets an empty response: clients tell a slow turn from a lost one.
         self.heartbeats = backend.Heartbeats(float(params.get("heartbeat_s", "5")))
@@ -38,7 +39,9 @@ class TritonPythonModel:
         return None
 
     def _beating(self, request, sender) -> None:
-        self.heartbeats.begin(sender)
+        # A turn whose llm or diffusion stub dies meanwhile may be waiting on a stream that never ends (Triton 2.51):
+        # its heartbeats stop, and the client's idle timeout ends it (retryable) instead of its deadline.
+        self.heartbeats.begin(sender, progress.stubs_alive(self.progress_dir, ("llm", "diffusion")))
         try:
             self._turn(request, sender)
         finally:
