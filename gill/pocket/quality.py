@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import itertools
 import random
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,15 +86,27 @@ def named_colour(text: str) -> str | None:
 class QualityProbe:
     """Asks a served pocket model (a ``GillClient``) and judges the answers."""
 
-    def __init__(self, client: Any, world: World) -> None:
+    def __init__(self, client: Any, world: World, retry_within_s: float = 180.0) -> None:
         self.client = client
         self.world = world
+        self.retry_within_s = retry_within_s
+        self.lost: list[str] = []  # turns lost to a stub that died (Triton 2.51, issue 6), then asked again
 
     def _ask(self, prompt: Prompt, **options: Any):
-        from gill_client import ChatOptions, user
+        """One turn; one lost to a dead stub (``Unavailable``, or ``NotFound`` while the model reloads) is asked
+        again, as a client should: the same prompt and seed give the same answer, so the rates are unchanged."""
+        from gill_client import ChatOptions, NotFound, Unavailable, user
 
         parts = [part for part in (prompt.image, prompt.text) if part is not None]
-        return self.client.chat([user(*parts)], ChatOptions(max_new_tokens=24, **options)).collect()
+        deadline = time.monotonic() + self.retry_within_s
+        while True:
+            try:
+                return self.client.chat([user(*parts)], ChatOptions(max_new_tokens=24, **options)).collect()
+            except (Unavailable, NotFound) as error:
+                if time.monotonic() > deadline:
+                    raise
+                self.lost.append(f"{prompt.text}: {error}")
+                time.sleep(1.0)
 
     def _judge_images(self, what: str, prompts: list[Prompt], **options: Any) -> Rate:
         colour = both = images = 0
