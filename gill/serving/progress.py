@@ -94,11 +94,12 @@ def stubs_alive(progress_dir: str | Path | None, models: Iterable[str]) -> Calla
     if not progress_dir:
         return lambda: True
     states = [read(Path(progress_dir) / model) for model in models]
-    pids = [state.pid for state in states if state is not None and _alive(state.pid)]  # a dead one answers at once
-    return lambda: all(_alive(pid) for pid in pids)
+    pids = [state.pid for state in states if state is not None and alive(state.pid)]  # a dead one answers at once
+    return lambda: all(alive(pid) for pid in pids)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, dead but not yet reaped, does not)."""
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:

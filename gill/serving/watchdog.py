@@ -151,12 +151,7 @@ class StubWatchdog:
                 continue
         deadline = time.monotonic() + timeout
         for process in processes:
-            while time.monotonic() < deadline:
-                try:
-                    if process.status() == psutil.STATUS_ZOMBIE:
-                        break
-                except psutil.NoSuchProcess:
-                    break
+            while progress.alive(process.pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
 
     def _recover(self, model: str, pids: tuple[int, ...], reason: str = "died") -> None:
