@@ -492,6 +492,8 @@ def train_command(
     resume: Annotated[bool, typer.Option(help="continue OUT_DIR's train_state.pt exactly (start afresh when "
                                               "there is none)")] = False,
     shuffle_buffer: Annotated[int, typer.Option(help="shards only: per-worker sample shuffle buffer")] = 0,
+    group_size: Annotated[int, typer.Option(help="TSV only: consecutive rows shuffled together into one batch "
+                                                 "(hard negatives written side by side)")] = 1,
     tensorboard: Annotated[bool, typer.Option(help="also log to OUT_DIR/tensorboard")] = True,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
@@ -516,7 +518,8 @@ def train_command(
             gradient_checkpointing=gradient_checkpointing, num_workers=num_workers, seed=seed,
             log_every=log_every, val_every=val_every, save_every=save_every, val_max_samples=val_max_samples,
             val_batch_size=val_batch_size, device=device, fresh_adapters=fresh_adapters, resume=resume,
-            shuffle_buffer=shuffle_buffer, tensorboard=tensorboard, progress=not quiet, **text)
+            shuffle_buffer=shuffle_buffer, group_size=group_size, tensorboard=tensorboard, progress=not quiet,
+            **text)
         result = train(config)
     except (GillError, OSError) as error:
         fail(error)

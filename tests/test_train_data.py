@@ -221,6 +221,33 @@ def test_ranks_split_the_data_without_overlap(shapes, encoder):
         make_loader(tsv, batch_size=1, rank=2, world_size=2)
 
 
+def test_groups_of_consecutive_rows_share_a_batch_resume_and_split_across_ranks(shapes, encoder):
+    dataset = CaptionImageTSV(shapes.train_tsv, encoder)
+
+    def groups(batch: Batch) -> list[list[int]]:
+        rows = [int(key.removesuffix(".png")[-6:]) for key in batch.keys]
+        return [rows[i:i + 4] for i in range(0, len(rows), 4)]
+
+    loader = make_loader(dataset, batch_size=8, seed=3, group_size=4)
+    assert len(loader) == N_TRAIN // 8
+    full, positions = run(loader, 2 * len(loader))
+    for batch in full:  # whole groups, in their written order
+        assert all(group == list(range(group[0], group[0] + 4)) and group[0] % 4 == 0 for group in groups(batch))
+    first_epoch = sorted(row for batch in full[:len(loader)] for group in groups(batch) for row in group)
+    assert first_epoch == list(range(N_TRAIN))
+    assert keys_of(full[:len(loader)]) != keys_of(full[len(loader):])  # each epoch has its own permutation
+    resumed, _ = run(make_loader(dataset, batch_size=8, seed=3, group_size=4, start=positions[1]), len(full) - 2)
+    assert keys_of(resumed) == keys_of(full[2:])
+    per_rank = [[group for batch in make_loader(dataset, batch_size=4, seed=7, rank=rank, world_size=2,
+                                                group_size=4) for group in groups(batch)] for rank in range(2)]
+    assert len(per_rank[0]) == len(per_rank[1]) == N_TRAIN // 8
+    assert not {g[0] for g in per_rank[0]} & {g[0] for g in per_rank[1]}
+    with pytest.raises(InputError, match="group_size must be at least 1"):
+        make_loader(dataset, batch_size=4, group_size=0)
+    with pytest.raises(InputError, match="TSV datasets only"):
+        make_loader(CaptionImageShards(shapes.shard_pattern("train"), encoder), batch_size=4, group_size=2)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Stable Diffusion targets
 

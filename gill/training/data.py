@@ -529,8 +529,9 @@ class TrainLoader:
 
     def __init__(self, dataset: CaptionImageTSV | CaptionImageShards, batch_size: int, *, seed: int, shuffle: bool,
                  drop_last: bool, num_workers: int, rank: int, world_size: int, start: DataPosition,
-                 shuffle_buffer: int, skips: SkipCounter) -> None:
+                 shuffle_buffer: int, skips: SkipCounter, group_size: int = 1) -> None:
         self.dataset = dataset
+        self.group_size = group_size
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
@@ -550,7 +551,10 @@ class TrainLoader:
         """Batches in one full pass on this rank (TSV only: shards do not know their length)."""
         if not isinstance(self.dataset, CaptionImageTSV):
             raise TypeError("a shard loader does not know its length; count steps instead")
-        per_rank = len(self.dataset) // self.world_size  # DistributedSampler(drop_last=True) gives each rank this
+        if self.group_size > 1:
+            per_rank = len(self.dataset) // self.group_size // self.world_size * self.group_size
+        else:
+            per_rank = len(self.dataset) // self.world_size  # DistributedSampler(drop_last=True) gives each rank this
         return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
 
     def __iter__(self) -> Iterator[Batch | None]:
@@ -595,12 +599,25 @@ class TrainLoader:
     def _generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed)
 
+    def _tsv_indices(self) -> list[int]:
+        """This rank's dataset indices for the current pass; the permutation depends on (seed, epoch) only."""
+        if self.group_size == 1:
+            sampler: DistributedSampler[int] = DistributedSampler(
+                self.dataset, num_replicas=self.world_size, rank=self.rank, shuffle=self.shuffle, seed=self.seed,
+                drop_last=True)
+            sampler.set_epoch(self.position.epoch)
+            return list(sampler)
+        # Whole groups are permuted and dealt to the ranks, as DistributedSampler deals single entries.
+        size, groups = self.group_size, len(self.dataset) // self.group_size
+        if self.shuffle:
+            order = torch.randperm(groups, generator=torch.Generator().manual_seed(self.seed + self.position.epoch))
+        else:
+            order = torch.arange(groups)
+        kept = order[:groups - groups % self.world_size][self.rank::self.world_size].tolist()
+        return [group * size + offset for group in kept for offset in range(size)]
+
     def _tsv_loader(self) -> DataLoader:
-        sampler: DistributedSampler[int] = DistributedSampler(
-            self.dataset, num_replicas=self.world_size, rank=self.rank, shuffle=self.shuffle, seed=self.seed,
-            drop_last=True)
-        sampler.set_epoch(self.position.epoch)  # the permutation depends on (seed, epoch) only
-        indices = list(sampler)
+        indices = self._tsv_indices()
         batches = len(self)
         if self.position.batch > batches:
             raise InputError(f"cannot resume at batch {self.position.batch} of epoch {self.position.epoch}: a pass "
@@ -658,7 +675,7 @@ class _ShardPass(IterableDataset):
 def make_loader(dataset: CaptionImageTSV | CaptionImageShards, batch_size: int, *, seed: int = 0,
                 start: DataPosition | None = None, shuffle: bool = True, drop_last: bool = True, num_workers: int = 0,
                 rank: int = 0, world_size: int = 1, shuffle_buffer: int = 0,
-                skips: SkipCounter | None = None) -> TrainLoader:
+                skips: SkipCounter | None = None, group_size: int = 1) -> TrainLoader:
     """A :class:`TrainLoader` over ``dataset`` for rank ``rank`` of ``world_size``, starting at ``start``.
 
     Every batch holds ``batch_size`` dataset entries before failed ones are dropped (so a batch may be smaller,
@@ -666,6 +683,9 @@ def make_loader(dataset: CaptionImageTSV | CaptionImageShards, batch_size: int, 
 
     TSV: each epoch draws one permutation from ``(seed, epoch)`` (``DistributedSampler``; ranks take disjoint
     strided slices of it, the last ``len % world_size`` entries dropped so every rank gets as many batches).
+    ``group_size`` > 1 permutes groups of that many consecutive entries instead (what a dataset writes side by side
+    stays side by side: hard negatives share a batch when ``batch_size`` is a multiple of ``group_size``); ranks
+    take whole groups, and a last incomplete group is dropped.
     Resuming is exact: ``make_loader(..., start=DataPosition(epoch, b))`` yields exactly the batches that an
     uninterrupted run would have yielded after its first ``b`` batches of ``epoch``, with any ``num_workers``,
     given the same dataset, ``batch_size``, ``seed``, ``shuffle``, ``drop_last`` and ``world_size``.
@@ -689,6 +709,10 @@ def make_loader(dataset: CaptionImageTSV | CaptionImageShards, batch_size: int, 
         problems.append(f"rank must be in [0, world_size) with world_size >= 1, got rank {rank} of {world_size}")
     if start.epoch < 0 or start.batch < 0:
         problems.append(f"the start position must not be negative, got {start}")
+    if group_size < 1:
+        problems.append(f"group_size must be at least 1, got {group_size}")
+    elif group_size > 1 and not isinstance(dataset, CaptionImageTSV):
+        problems.append("group_size applies to TSV datasets only (shards stream in their own order)")
     if problems:
         raise InputError("; ".join(problems))
     if isinstance(dataset, CaptionImageShards) and len(dataset.shards) < world_size:
@@ -696,4 +720,4 @@ def make_loader(dataset: CaptionImageTSV | CaptionImageShards, batch_size: int, 
                          "per rank")
     return TrainLoader(dataset, batch_size, seed=seed, shuffle=shuffle, drop_last=drop_last, num_workers=num_workers,
                        rank=rank, world_size=world_size, start=start, shuffle_buffer=shuffle_buffer,
-                       skips=skips if skips is not None else SkipCounter())
+                       skips=skips if skips is not None else SkipCounter(), group_size=group_size)

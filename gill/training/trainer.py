@@ -69,7 +69,7 @@ PROCESS_GROUP_TIMEOUT = timedelta(minutes=60)
 RESUME_FIXED = ("checkpoint", "train_data", "image_dir", "targets_dir", "batch_size", "grad_accumulation", "lr",
                 "beta1", "beta2", "weight_decay", "warmup_steps", "lr_step_size", "lr_gamma", "grad_clip", "max_len",
                 "concat_captions_prob", "cap_loss_scale", "ret_loss_scale", "gen_loss_scale", "precision", "seed",
-                "fresh_adapters", "shuffle_buffer")
+                "fresh_adapters", "shuffle_buffer", "group_size")
 
 
 @dataclass(frozen=True)
@@ -146,12 +146,15 @@ class TrainConfig:
     resume: bool = False
     # Shard datasets only: samples in the shuffle buffer of each loader worker (0: shard order only).
     shuffle_buffer: int = 0
+    # TSV datasets only: consecutive rows shuffled as one group, so rows written side by side (hard negatives for
+    # the contrastive loss) share a batch; make the per-process batch a multiple of it.
+    group_size: int = 1
     tensorboard: bool = True
     progress: bool = True
 
     def __post_init__(self) -> None:
         problems = []
-        positive = ("steps", "batch_size", "grad_accumulation", "log_every", "val_every", "save_every")
+        positive = ("steps", "batch_size", "grad_accumulation", "log_every", "val_every", "save_every", "group_size")
         problems += [f"{name} must be at least 1, got {getattr(self, name)}" for name in positive
                      if getattr(self, name) < 1]
         for name in ("val_max_samples", "val_batch_size"):
@@ -442,7 +445,8 @@ class _Trainer:
         self.start_step = self.step
         self.loader: TrainLoader = make_loader(
             self.train_set, self.micro_batch, seed=config.seed, start=position, num_workers=config.num_workers,
-            rank=processes.rank, world_size=processes.world_size, shuffle_buffer=config.shuffle_buffer, skips=skips)
+            rank=processes.rank, world_size=processes.world_size, shuffle_buffer=config.shuffle_buffer, skips=skips,
+            group_size=config.group_size)
         self.batches = self.loader.forever()
         self.loss_names = config.loss_names()
         self.interval = _Interval()
