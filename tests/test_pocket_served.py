@@ -26,14 +26,6 @@ def probe():
         yield QualityProbe(client, World(seed=0))
 
 
-# Not met yet (issue 11 stays open): measured served on the committed checkpoint, "show me" a held-out scene gives
-# the asked colour for 75% (12 of 16) and retrieval top-1 the asked colour and shape for 68% (it confuses squares
-# and circles). Strict: once a rebuilt checkpoint meets the rate, these fail until unmarked.
-NOT_YET = pytest.mark.xfail(strict=True, reason="below the issue's rate with the committed checkpoint; see "
-                                                "docs/pocket.md (measured rates) and issue 11")
-
-
-@NOT_YET
 def test_show_me_returns_an_image_of_the_asked_colour(probe):
     """'show me a red circle': the image returned (retrieved or generated) is judged red."""
     rate = probe.show_me(heldout_prompts(probe.world))
@@ -41,7 +33,6 @@ def test_show_me_returns_an_image_of_the_asked_colour(probe):
     assert rate.colour >= 0.8, rate
 
 
-@NOT_YET
 def test_retrieval_top1_matches_colour_and_shape(probe):
     rate = probe.retrieve(retrieval_prompts(probe.world))
     assert rate.images == rate.prompts, rate

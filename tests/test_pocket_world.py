@@ -82,3 +82,33 @@ def test_images_show_what_the_caption_says(world, seed):
 def test_a_caption_that_is_not_the_worlds_is_refused():
     with pytest.raises(ValueError, match="not a caption"):
         Scene.from_caption("a red circle")
+
+
+def test_twins_differ_in_shape_or_swap_colours_and_are_never_heldout(world):
+    heldout = set(world.heldout_scenes)
+    scene = Scene("red", "circle", "blue")
+    twins = world.twins(scene)
+    expected = {Scene("red", "square", "blue"), Scene("red", "triangle", "blue"), Scene("blue", "circle", "red")}
+    assert set(twins) == expected - heldout and scene not in twins
+    for scene in world.train_scenes:
+        for twin in world.twins(scene):
+            assert twin not in heldout and twin != scene
+            assert (twin.colour, twin.background) in ((scene.colour, scene.background),
+                                                     (scene.background, scene.colour))
+    assert any(len(world.twins(s)) < 3 for s in world.train_scenes)  # a held-out twin is left out, not drawn
+
+
+def test_twin_batches_put_each_image_beside_its_twins(world):
+    from gill.pocket.clip import _TwinBatches
+
+    rng = random.Random(0)
+    scenes = [rng.choice(world.train_scenes) for _ in range(2000)]
+    batches = _TwinBatches(world, scenes, batch_size=64, seed=0)
+    rows = batches.next().tolist()
+    assert len(rows) == 64 and rows != batches.next().tolist()
+    start = 0
+    while start + 4 <= len(rows):  # anchor, then one image of each of its twins, in order
+        anchor = scenes[rows[start]]
+        twins = world.twins(anchor)
+        assert [scenes[row] for row in rows[start + 1:start + 1 + len(twins)]] == twins
+        start += 1 + len(twins)

@@ -41,7 +41,7 @@ from gill.config import GILLArgs
 from gill.pocket.clip import CLIPTrainConfig, char_tokenizer, clip_accuracy, save_clip, train_clip
 from gill.pocket.diffusion import DiffusionConfig, build_diffusion
 from gill.pocket.lm import LMConfig, train_lm
-from gill.pocket.world import Pair, World, all_scenes
+from gill.pocket.world import TWIN_GROUP, Pair, World, all_scenes
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,10 @@ class AdapterConfig:
     max_len: int = 48
     decision_prompts: int = 1000
     decision_train: int = 800
+    # Training pairs in groups of a scene and its twins (World.twins), kept in one batch (``group_size``): hard
+    # negatives for the contrastive loss. Against random batches, on the same parts: retrieval top-1 38 of 40
+    # prompts against 37, the "show me" query's colour and shape right for 94% of training scenes against 89%.
+    twin_groups: bool = True
 
     def quick(self) -> AdapterConfig:
         return replace(self, train_pairs=48, val_pairs=16, steps=3, batch_size=8, warmup_steps=1,
@@ -156,7 +160,8 @@ def _train_adapters(directory: Path, world: World, config: AdapterConfig, seed: 
 
     rng = random.Random(f"adapters-{seed}")
     data = work / "data"
-    train_tsv, train_captions = _write_pairs(data, "train", world.pairs(config.train_pairs, rng))
+    train_tsv, train_captions = _write_pairs(data, "train", world.pairs(config.train_pairs, rng,
+                                                                       twin_groups=config.twin_groups))
     val_tsv, val_captions = _write_pairs(data, "val", world.pairs(config.val_pairs, rng))
     for captions in (train_captions, val_captions):  # keyed by image path, so the text TSVs find them
         preprocess_sd_targets(captions, directory, data / "targets", progress=progress)
@@ -164,6 +169,7 @@ def _train_adapters(directory: Path, world: World, config: AdapterConfig, seed: 
         checkpoint=str(directory), train_data=str(train_tsv), val_data=str(val_tsv), out_dir=str(work / "run"),
         targets_dir=str(data / "targets"), steps=config.steps, batch_size=config.batch_size, lr=config.lr,
         warmup_steps=config.warmup_steps, lr_step_size=config.steps, num_workers=0, seed=seed, max_len=config.max_len,
+        group_size=TWIN_GROUP if config.twin_groups else 1,
         val_every=max(1, config.steps // 3), save_every=config.steps, log_every=max(1, config.steps // 30),
         device="cpu", tensorboard=False, progress=progress))
     shutil.copyfile((result.best_dir or result.export_dir) / ADAPTERS_FILE, directory / ADAPTERS_FILE)

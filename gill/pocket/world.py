@@ -30,6 +30,8 @@ HELDOUT_SCENES = 16
 # Words a user asks with; "show" asks for a picture that exists (retrieve), "draw" for a new one (generate).
 SHOW_VERBS = ("show me", "find me", "show me a picture of")
 DRAW_VERBS = ("draw", "draw me", "paint", "make me a drawing of")
+# A scene and its twins (World.twins): its two other shapes and its colours swapped.
+TWIN_GROUP = 4
 
 
 @dataclass(frozen=True, order=True)
@@ -115,6 +117,15 @@ class World:
         heldout = set(self.heldout_scenes)
         return [scene for scene in all_scenes() if scene not in heldout]
 
+    def twins(self, scene: Scene) -> list[Scene]:
+        """The training scenes that differ from ``scene`` in one way a caption names but a careless encoder
+        blurs: its other shapes (same colours), and its colours swapped (the shape in the background's colour on
+        the shape's). Put beside ``scene`` in a contrastive batch, they make the hard negatives."""
+        candidates = [Scene(scene.colour, shape, scene.background) for shape in SHAPES if shape != scene.shape]
+        candidates.append(Scene(scene.background, scene.shape, scene.colour))
+        heldout = set(self.heldout_scenes)
+        return [candidate for candidate in candidates if candidate not in heldout]
+
     def render(self, scene: Scene, rng: random.Random | None = None) -> Image.Image:
         return draw_scene(scene, self.size, rng)
 
@@ -122,7 +133,7 @@ class World:
         """What a training pair says about ``scene``: the full caption, or one time in four the short one."""
         return scene.short_caption if rng.random() < 0.25 else scene.caption
 
-    def pairs(self, count: int, rng: random.Random, heldout: bool = False) -> list[Pair]:
+    def pairs(self, count: int, rng: random.Random, heldout: bool = False, twin_groups: bool = False) -> list[Pair]:
         """``count`` training pairs of the training (or held-out) scenes, each image jittered.
 
         The text is the caption inside a dialogue exchange, as a served turn puts it, four times in five:
@@ -132,23 +143,33 @@ class World:
         such an answer, and with half the texts plain captions the retrieval space fitted captions at the answers'
         expense (held-out "show me" scenes: 31% colour and shape, against 81% with this mix, in a retrieval-only
         probe on the same LM).
+
+        ``twin_groups``: groups of :data:`TWIN_GROUP` consecutive pairs, a random scene then its :meth:`twins`
+        (random scenes where a twin is held out), for a loader that keeps groups together (``group_size``).
         """
         scenes = self.heldout_scenes if heldout else self.train_scenes
-        pairs = []
-        for _ in range(count):
+        pairs: list[Pair] = []
+        while len(pairs) < count:
             scene = rng.choice(scenes)
-            caption = self.caption(scene, rng)
-            kind = rng.random()
-            if kind < 0.2:
-                text = caption
-            elif kind < 0.35:
-                text = f"Q: what is this?\nA: {caption}"
-            elif kind < 0.8:
-                text = f"Q: {rng.choice(SHOW_VERBS)} {caption}\nA: here is {caption}"
-            else:
-                text = f"Q: {rng.choice(DRAW_VERBS)} {caption}\nA: i drew {caption}"
-            pairs.append(Pair(scene, caption, text, self.render(scene, rng)))
-        return pairs
+            pairs.append(self._pair(scene, rng))
+            if twin_groups:
+                twins = [twin for twin in self.twins(scene) if twin in scenes]
+                twins += [rng.choice(scenes) for _ in range(TWIN_GROUP - 1 - len(twins))]
+                pairs += [self._pair(twin, rng) for twin in twins]
+        return pairs[:count]
+
+    def _pair(self, scene: Scene, rng: random.Random) -> Pair:
+        caption = self.caption(scene, rng)
+        kind = rng.random()
+        if kind < 0.2:
+            text = caption
+        elif kind < 0.35:
+            text = f"Q: what is this?\nA: {caption}"
+        elif kind < 0.8:
+            text = f"Q: {rng.choice(SHOW_VERBS)} {caption}\nA: here is {caption}"
+        else:
+            text = f"Q: {rng.choice(DRAW_VERBS)} {caption}\nA: i drew {caption}"
+        return Pair(scene, caption, text, self.render(scene, rng))
 
     # --- text -------------------------------------------------------------------------------------------------
 
