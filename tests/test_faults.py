@@ -15,7 +15,7 @@ import requests
 from wire import API_KEY, PROMPT_GEN, PROMPT_RET, events, kinds, metric, open_turn, request, user
 
 from gill.serving.server import TritonServer
-from gill.serving.watchdog import stub_model
+from gill.serving.watchdog import live_stubs
 from gill_client import Cancelled, ChatOptions, GillClient, RetryPolicy, Unavailable
 from gill_client import _transport as transport
 from gill_client.v1 import dialogue_pb2 as pb
@@ -24,15 +24,7 @@ CHEAP = {"max_new_tokens": 2, "max_images": 0}
 
 
 def _stubs(server, model: str) -> list[psutil.Process]:
-    repository = (server.work_dir / "models").resolve()
-    found = []
-    for child in psutil.Process(server.process.pid).children(recursive=True):
-        try:
-            if child.status() != psutil.STATUS_ZOMBIE and stub_model(child.cmdline(), repository) == model:
-                found.append(child)
-        except psutil.Error:
-            continue
-    return found
+    return live_stubs(psutil.Process(server.process.pid), (server.work_dir / "models").resolve()).get(model, [])
 
 
 def _ready(server, model: str | None = None) -> bool:

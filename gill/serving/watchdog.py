@@ -62,6 +62,22 @@ def stub_model(cmdline: list[str], repository: Path) -> str | None:
     return relative.parts[0] if relative.parts else None
 
 
+def live_stubs(server: psutil.Process, repository: Path) -> dict[str, list[psutil.Process]]:
+    """The running stub processes under ``server`` per model name; zombies (dead, not yet reaped by Triton) and
+    processes that vanish while being read do not count."""
+    found: dict[str, list[psutil.Process]] = {}
+    for child in server.children(recursive=True):
+        try:
+            if child.status() == psutil.STATUS_ZOMBIE:
+                continue
+            model = stub_model(child.cmdline(), repository)
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            continue
+        if model is not None:
+            found.setdefault(model, []).append(child)
+    return found
+
+
 class StubWatchdog:
     """Watches the stubs of ``models`` under the ``tritonserver`` process ``pid``; ``control(action, model)``
     posts ``load`` or ``unload`` to Triton's model-repository API and raises on failure. With ``progress_dir``,
@@ -96,18 +112,9 @@ class StubWatchdog:
             self._thread.join(timeout=5)
 
     def _stubs(self) -> dict[str, set[int]]:
-        """Live stub pids per model; zombies (dead, not yet reaped by Triton) do not count."""
-        alive: dict[str, set[int]] = {model: set() for model in self.models}
-        for child in self._server.children(recursive=True):
-            try:
-                if child.status() == psutil.STATUS_ZOMBIE:
-                    continue
-                model = stub_model(child.cmdline(), self.repository)
-            except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
-                continue
-            if model in alive:
-                alive[model].add(child.pid)
-        return alive
+        """Live stub pids per watched model."""
+        live = live_stubs(self._server, self.repository)
+        return {model: {stub.pid for stub in live.get(model, [])} for model in self.models}
 
     def check(self) -> list[str]:
         """One poll: the models whose stubs died since the last poll, or are stuck (each is then reloaded)."""
