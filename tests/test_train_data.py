@@ -221,6 +221,21 @@ def test_ranks_split_the_data_without_overlap(shapes, encoder):
         make_loader(tsv, batch_size=1, rank=2, world_size=2)
 
 
+def test_entries_are_dealt_as_distributed_sampler_deals_them(shapes, encoder):
+    """Runs saved before groups existed resume on the same permutation."""
+    from torch.utils.data import DistributedSampler
+
+    dataset = CaptionImageTSV(shapes.train_tsv, encoder)
+    for world_size, shuffle, epoch in ((1, True, 0), (2, True, 3), (3, False, 1), (5, True, 2)):
+        for rank in range(world_size):
+            sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=4,
+                                         drop_last=True)
+            sampler.set_epoch(epoch)
+            loader = make_loader(dataset, batch_size=1, seed=4, shuffle=shuffle, rank=rank, world_size=world_size,
+                                 start=DataPosition(epoch, 0))
+            assert loader._tsv_indices() == list(sampler) and len(loader) == len(sampler)
+
+
 def test_groups_of_consecutive_rows_share_a_batch_resume_and_split_across_ranks(shapes, encoder):
     dataset = CaptionImageTSV(shapes.train_tsv, encoder)
 

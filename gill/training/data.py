@@ -44,7 +44,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from transformers import PreTrainedTokenizerBase
 
 from gill.config import GILLArgs, resolve_source
@@ -551,10 +551,8 @@ class TrainLoader:
         """Batches in one full pass on this rank (TSV only: shards do not know their length)."""
         if not isinstance(self.dataset, CaptionImageTSV):
             raise TypeError("a shard loader does not know its length; count steps instead")
-        if self.group_size > 1:
-            per_rank = len(self.dataset) // self.group_size // self.world_size * self.group_size
-        else:
-            per_rank = len(self.dataset) // self.world_size  # DistributedSampler(drop_last=True) gives each rank this
+        # Whole groups per rank (entries when group_size is 1, as DistributedSampler(drop_last=True) deals them).
+        per_rank = len(self.dataset) // self.group_size // self.world_size * self.group_size
         return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
 
     def __iter__(self) -> Iterator[Batch | None]:
@@ -600,14 +598,9 @@ class TrainLoader:
         return torch.Generator().manual_seed(self.seed)
 
     def _tsv_indices(self) -> list[int]:
-        """This rank's dataset indices for the current pass; the permutation depends on (seed, epoch) only."""
-        if self.group_size == 1:
-            sampler: DistributedSampler[int] = DistributedSampler(
-                self.dataset, num_replicas=self.world_size, rank=self.rank, shuffle=self.shuffle, seed=self.seed,
-                drop_last=True)
-            sampler.set_epoch(self.position.epoch)
-            return list(sampler)
-        # Whole groups are permuted and dealt to the ranks, as DistributedSampler deals single entries.
+        """This rank's dataset indices for the current pass: groups of ``group_size`` consecutive entries permuted
+        by (seed, epoch) and dealt to the ranks in turn, the last ``groups % world_size`` dropped. With
+        ``group_size`` 1 this is exactly ``DistributedSampler(shuffle, seed, drop_last=True)`` at that epoch."""
         size, groups = self.group_size, len(self.dataset) // self.group_size
         if self.shuffle:
             order = torch.randperm(groups, generator=torch.Generator().manual_seed(self.seed + self.position.epoch))
