@@ -97,18 +97,3 @@ def test_twins_differ_in_shape_or_swap_colours_and_are_never_heldout(world):
                                                      (scene.background, scene.colour))
     assert any(len(world.twins(s)) < 3 for s in world.train_scenes)  # a held-out twin is left out, not drawn
 
-
-def test_twin_batches_put_each_image_beside_its_twins(world):
-    from gill.pocket.clip import _TwinBatches
-
-    rng = random.Random(0)
-    scenes = [rng.choice(world.train_scenes) for _ in range(2000)]
-    batches = _TwinBatches(world, scenes, batch_size=64, seed=0)
-    rows = batches.next().tolist()
-    assert len(rows) == 64 and rows != batches.next().tolist()
-    start = 0
-    while start + 4 <= len(rows):  # anchor, then one image of each of its twins, in order
-        anchor = scenes[rows[start]]
-        twins = world.twins(anchor)
-        assert [scenes[row] for row in rows[start + 1:start + 1 + len(twins)]] == twins
-        start += 1 + len(twins)

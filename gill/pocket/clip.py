@@ -44,16 +44,14 @@ class CLIPTrainConfig:
     text_heads: int = 4
     projection_dim: int = 64
     # 3,000 images and 700 steps: a linear probe on the vision tower's pooled output told the shape of new images
-    # for 88% (and the retrieval space inherited it: squares retrieved as circles); 10,000 and 2,500: 99%.
+    # for 88% (and the retrieval space inherited it: squares retrieved as circles); 10,000 and 2,500: 99%. Batches
+    # of twins (World.twins: a scene, its other shapes, its colours swapped) instead of random images moved it to
+    # 89% only, at 700 steps over 3,000 images.
     images: int = 10000
     steps: int = 2500
     batch_size: int = 64
     lr: float = 2e-3
     warmup_steps: int = 100
-    # Batches of twins (a scene, its other shapes, its colours swapped; World.twins) instead of random images. At
-    # 700 steps over 3,000 images they moved the shape probe from 88% to 89% only; more steps and images did the
-    # work, so they are off.
-    twin_batches: bool = False
 
     def quick(self) -> CLIPTrainConfig:
         return replace(self, images=64, steps=5, batch_size=16)
@@ -116,13 +114,9 @@ def train_clip(world: World, config: CLIPTrainConfig, seed: int, tokenizer_dir: 
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.98), weight_decay=0.1)
     schedule = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
     generator = torch.Generator().manual_seed(seed)
-    batches = _TwinBatches(world, scenes, config.batch_size, seed) if config.twin_batches else None
     bar = tqdm(range(config.steps), desc="pocket CLIP", disable=not progress)
     for _ in bar:
-        if batches is not None:
-            rows = batches.next()
-        else:
-            rows = torch.randint(len(scenes), (config.batch_size,), generator=generator)
+        rows = torch.randint(len(scenes), (config.batch_size,), generator=generator)
         # One caption per image, drawn among those that describe it; the targets credit every describing caption.
         choice = torch.multinomial(describes[rows].float(), 1, generator=generator).squeeze(1)
         image_features = F.normalize(model.get_image_features(pixel_values=pixels[rows]).pooler_output, dim=-1)
@@ -137,29 +131,6 @@ def train_clip(world: World, config: CLIPTrainConfig, seed: int, tokenizer_dir: 
         schedule.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
     return model.eval(), processor
-
-
-class _TwinBatches:
-    """Rows of ``scenes`` in groups: an image, then one image of each of its twins (:meth:`World.twins`), until
-    the batch is full."""
-
-    def __init__(self, world: World, scenes: list[Scene], batch_size: int, seed: int) -> None:
-        self.world = world
-        self.scenes = scenes
-        self.batch_size = batch_size
-        self.rng = random.Random(f"clip-twins-{seed}")
-        self.rows: dict[Scene, list[int]] = {}
-        for row, scene in enumerate(scenes):
-            self.rows.setdefault(scene, []).append(row)
-
-    def next(self) -> torch.Tensor:
-        rows: list[int] = []
-        while len(rows) < self.batch_size:
-            anchor = self.rng.randrange(len(self.scenes))
-            rows.append(anchor)
-            rows += [self.rng.choice(self.rows[twin]) for twin in self.world.twins(self.scenes[anchor])
-                     if twin in self.rows]
-        return torch.tensor(rows[:self.batch_size])
 
 
 @torch.no_grad()
