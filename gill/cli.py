@@ -305,14 +305,24 @@ def serve(
     stall_timeout: Annotated[float, typer.Option(help="seconds the llm or diffusion model may stay busy without a "
                                                       "step before its stub counts as stuck and is reloaded")]
     = DEFAULT_STALL_S,
+    restarts: Annotated[int, typer.Option(help="times tritonserver is started again after it dies (a crash takes "
+                                               "every model) within --restart-window; 0: exit at once, for a "
+                                               "process supervisor to restart")] = 5,
+    restart_window: Annotated[float, typer.Option(help="seconds over which --restarts are counted")] = 600.0,
 ) -> None:
-    """Serve GILL with Triton: prepare the backend, start tritonserver, wait until every model is ready."""
+    """Serve GILL with Triton: prepare the backend, start tritonserver, wait until every model is ready, and start
+    tritonserver again if it dies."""
     import shutil
     import signal
 
     from gill.integrity import verify_checkpoint
     from gill.limits import Limits
     from gill.serving.server import ServeError, TritonServer, merge_parameters, parse_parameters
+    from gill.serving.supervisor import CLEAN_EXITS, RestartPolicy, supervise
+    try:
+        policy = RestartPolicy(restarts, restart_window, timeout)
+    except ValueError as error:
+        fail(ServeError(f"--restarts must be >= 0 and --restart-window positive ({error})"))
     try:
         limits = Limits.from_assignments(limit or [])  # first: a typo in a limit fails before anything loads
         overrides = parse_parameters(parameter or [])
@@ -349,9 +359,9 @@ def serve(
 
     signal.signal(signal.SIGINT, shut_down)
     signal.signal(signal.SIGTERM, shut_down)
-    _log_watchdog()
-    code = server.wait()
-    clean = code in (0, -signal.SIGINT, -signal.SIGTERM)
+    _log_watchdog(policy)
+    code = supervise(server, policy)
+    clean = code in CLEAN_EXITS
     if not clean:
         console.print(f"[red]tritonserver exited with code {code}[/red]; the end of its log:\n{server.log_excerpt()}")
     shutil.rmtree(server.work_dir, ignore_errors=True)
@@ -644,16 +654,21 @@ def make_pocket(
     print(f"built the pocket checkpoint in {directory}; what each stage measured: {directory / 'pocket.json'}")
 
 
-def _log_watchdog() -> None:
-    """The stub watchdog's reloads (gill/serving/watchdog.py) go to the terminal with a time stamp."""
+def _log_watchdog(policy) -> None:
+    """The stub watchdog's reloads (gill/serving/watchdog.py) and tritonserver's restarts
+    (gill/serving/supervisor.py) go to the terminal with a time stamp."""
     import logging
 
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    watchdog = logging.getLogger("gill.watchdog")
-    watchdog.addHandler(handler)
-    watchdog.setLevel(logging.INFO)
+    for name in ("gill.watchdog", "gill.supervisor"):
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
     print("watch   a model whose backend process dies is reloaded (not ready meanwhile)")
+    if policy.restarts:
+        print(f"restart tritonserver is started again if it dies, up to {policy.restarts} times in "
+              f"{policy.window_s:.0f} s")
 
 
 def _quiet_libraries() -> None:

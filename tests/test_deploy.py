@@ -250,6 +250,9 @@ def test_probes_point_at_tritons_health_endpoints(rendered, values):
     # that cannot load (and exits) before Kubernetes kills the container.
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] > params["timeout"]
+    # A crashed tritonserver is not restarted inside the container, where liveness would kill it mid-load: gill
+    # serve exits and the kubelet restarts the container, behind the startup probe again.
+    assert params["restarts"] == 0
 
 
 @pytest.mark.parametrize("values", ["default", "all-options"])

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 from wire import self_signed
@@ -26,7 +27,7 @@ def _serve(checkpoint: Path, *extra: str, env: dict[str, str] | None = None) -> 
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a test certificate")
-def test_serve_with_key_and_tls_prints_endpoints_and_stops_cleanly_on_sigterm(tiny_dir, tmp_path):
+def test_serve_with_key_and_tls_prints_endpoints_survives_a_server_crash_and_stops_cleanly(tiny_dir, tmp_path):
     key = "serve-cli-key-0123456789"
     key_file = tmp_path / "api-key"
     key_file.write_text(key + "\n")
@@ -56,8 +57,21 @@ def test_serve_with_key_and_tls_prints_endpoints_and_stops_cleanly_on_sigterm(ti
         plain = lines["gRPC"].removeprefix("grpcs://")
         with GillClient(plain, api_key=key, retry=RetryPolicy(attempts=1)) as client, pytest.raises(Unavailable):
             client.chat("hi").collect()
+        # tritonserver dies (as Triton 2.51 can under load): gill serve starts it again on the same ports, and a
+        # client that keeps retrying gets its turn.
+        triton = [child for child in psutil.Process(process.pid).children() if child.name() == "tritonserver"]
+        assert len(triton) == 1
+        triton[0].send_signal(signal.SIGSEGV)
+        patient = RetryPolicy(attempts=60, initial_backoff_s=1, max_backoff_s=5)
+        with GillClient(lines["gRPC"], api_key=key, tls=TLS.from_files(ca=cert), retry=patient) as client:
+            done = client.chat("hi", ChatOptions(max_new_tokens=2, max_images=0), timeout=300).collect().done
+        assert isinstance(done, Done)
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0, process.stderr.read()
+        log = process.stderr.read()
+        assert "tritonserver exited with code -11; restarting it on the same ports" in log
+        assert "Signal (11) received" in log, "the crash's own lines from Triton's log"
+        assert "tritonserver restarted: every model ready again" in log
         # Triton and its model stubs are gone with it.
         time.sleep(1)
         survivors = subprocess.run(["pgrep", "-s", str(process.pid)], capture_output=True, text=True).stdout.split()

@@ -23,6 +23,7 @@ import sysconfig
 import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -229,6 +230,11 @@ class TritonServer:
         self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="gill-serve-"))
         self.log_path = self.work_dir / "triton.log"
         self.process: subprocess.Popen | None = None
+        # Names of the Python backend's shared-memory regions (files in /dev/shm): a server that dies leaves its
+        # regions behind (they are RAM), and the prefix tells which are this server's to remove.
+        self.shm_prefix = f"gill_{uuid.uuid4().hex[:12]}_"
+        self.stopping = False  # set by request_stop/stop: an exit after that is asked for, not a crash
+        self.restarts = 0
         self.verify = verify
         self._watch = watchdog
         self.watchdog: StubWatchdog | None = None
@@ -250,6 +256,7 @@ class TritonServer:
             "--model-control-mode=explicit", "--load-model=*",
             # Model load includes torch imports and weights; the default 30 s is short on two cores.
             "--backend-config=python,stub-timeout-seconds=120",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             *self._restrictions(),
             *self._tls_options(),
         ]
@@ -283,10 +290,38 @@ class TritonServer:
         prepare_backend(self.work_dir / "backends")
         prepare_repository(self.work_dir / "models", self.checkpoint, self.models, parameters=self.parameters,
                            progress_dir=self.work_dir / "progress")
+        self._launch()
+        self._wait_ready(timeout)
+        return self.endpoints
+
+    def restart(self, timeout: float = 300.0) -> Endpoints:
+        """Start ``tritonserver`` again after it died: the same ports, repository and options. What the dead one
+        left is cleared first: its model stubs (they stay in its process group), its shared-memory regions, its
+        watchdog. Its log moves to ``triton.log.1`` (older ones to ``.2``, ``.3``). Raises :class:`ServeError`
+        like :meth:`start`."""
+        if self.watchdog is not None:
+            self.watchdog.stop()
+            self.watchdog = None
+        self._reap()
+        if self.stopping:
+            raise ServeError("not restarted: the server was asked to stop")
+        for older in range(3, 0, -1):
+            source = self.log_path.with_name(f"{self.log_path.name}.{older - 1}" if older > 1 else self.log_path.name)
+            if source.exists():
+                source.replace(self.log_path.with_name(f"{self.log_path.name}.{older}"))
+        self.restarts += 1
+        self._launch()
+        self._wait_ready(timeout)
+        return self.endpoints
+
+    def _launch(self) -> None:
         log = open(self.log_path, "wb")
         self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=_environment(),
                                         start_new_session=True)
         log.close()
+
+    def _wait_ready(self, timeout: float) -> None:
+        assert self.process is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -294,10 +329,27 @@ class TritonServer:
                                  + self.log_excerpt())
             if self.ready():
                 self._start_watchdog()
-                return self.endpoints
+                return
             time.sleep(0.5)
         self.stop()
         raise ServeError(f"models not ready after {timeout:.0f} s:\n{self.log_excerpt()}")
+
+    def _reap(self, timeout: float = 10.0) -> None:
+        """SIGKILL what is left of a dead (or hung) server's process group, wait until it is empty, and remove
+        its shared-memory regions."""
+        if self.process is not None:
+            if self.process.poll() is None:
+                self._kill()
+                self.process.wait()
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                try:
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    break  # the group is empty
+                time.sleep(0.1)
+        for region in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
+            region.unlink(missing_ok=True)
 
     def _start_watchdog(self) -> None:
         if not self._watch or self.process is None:
@@ -328,13 +380,19 @@ class TritonServer:
         failures = [line for line in text if ("failed to load" in line or "UNAVAILABLE" in line or line.startswith("E")
                                               or (not line[:1].isspace() and any(r in line for r in reasons)))
                     and not any(n in line for n in noise)]
-        return "\n".join(dict.fromkeys(failures[-lines:] or text[-lines:]))
+        # A crash: Triton's "Signal (11) received." and the stack it prints after it.
+        crash = max((i for i, line in enumerate(text) if line.startswith("Signal (")), default=None)
+        excerpt = failures[-lines:] or ([] if crash is not None else text[-lines:])
+        if crash is not None:
+            excerpt += text[crash:crash + lines]
+        return "\n".join(dict.fromkeys(excerpt))
 
     def request_stop(self, grace: float = 30.0) -> None:
         """Ask Triton to shut down cleanly (SIGINT) without waiting; SIGKILL its group after ``grace`` seconds.
 
         Safe inside a signal handler while another thread (or the interrupted main thread) waits on it.
         """
+        self.stopping = True
         if self.process is None or self.process.poll() is not None:
             return
         if self.watchdog is not None:
@@ -352,17 +410,18 @@ class TritonServer:
                 pass
 
     def stop(self, timeout: float = 30.0) -> None:
-        """SIGINT (Triton's clean shutdown) and wait; SIGKILL the whole process group if it hangs."""
+        """SIGINT (Triton's clean shutdown) and wait; SIGKILL the whole process group if it hangs. Then nothing of
+        the server is left: no stub, no shared-memory region."""
+        self.stopping = True
         if self.watchdog is not None:
             self.watchdog.stop()
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGINT)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self._kill()
-            self.process.wait()
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        self._reap()
 
     def wait(self) -> int:
         assert self.process is not None
