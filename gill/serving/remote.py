@@ -203,12 +203,16 @@ class RemoteComponents:
             # A response every step, so the cancellation check below runs every step.
             backend.tensor("PROGRESS", np.array([True])),
         ]
+        image = None
+        # Read to the end of the stream (the final flag follows the IMAGE response): leaving the loop at the image
+        # would count as abandoning the request, and _stream would send diffusion a CANCEL for every image.
         for response in self._stream("diffusion", inputs, ["IMAGE", "PREVIEW", "STEP", "TOTAL_STEPS"], cancel):
-            image = _output(response, "IMAGE")
-            if image is not None:
-                return load_image(bytes(image[0]), what="generated image")
+            data = _output(response, "IMAGE")
+            if data is not None:
+                image = load_image(bytes(data[0]), what="generated image")
+                continue
             preview = _output(response, "PREVIEW")
             if preview is not None:
                 step, total = int(_output(response, "STEP")[0]), int(_output(response, "TOTAL_STEPS")[0])
                 on_preview(step, total, load_image(bytes(preview[0]), what="preview"))
-        return None
+        return image
