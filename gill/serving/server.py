@@ -380,8 +380,9 @@ class TritonServer:
         failures = [line for line in text if ("failed to load" in line or "UNAVAILABLE" in line or line.startswith("E")
                                               or (not line[:1].isspace() and any(r in line for r in reasons)))
                     and not any(n in line for n in noise)]
-        # A crash: Triton's "Signal (11) received." and the stack it prints after it.
-        crash = max((i for i, line in enumerate(text) if line.startswith("Signal (")), default=None)
+        # A crash: Triton's "Signal (11) received." and the stack it prints after it (not SIGINT's or SIGTERM's).
+        crash = max((i for i, line in enumerate(text) if line.startswith("Signal (")
+                     and not line.startswith(("Signal (2)", "Signal (15)"))), default=None)
         excerpt = failures[-lines:] or ([] if crash is not None else text[-lines:])
         if crash is not None:
             excerpt += text[crash:crash + lines]
