@@ -177,41 +177,81 @@ def test_retrieval_down_generates_instead_with_a_notice(server):
     _wait_recovered(server, "retrieval", before)
 
 
-def test_the_orchestrator_killed_mid_turn_fails_the_turn_fast(tiny_dir):
-    """On a server of its own: Triton 2.51 either leaves the dead stub's stream open (the client's idle timeout
-    ends the turn, the watchdog reloads ``gill``) or aborts altogether (boost::interprocess::lock_exception in
-    the Python backend when the stub died holding a shared-memory lock; measured). Either way the client gets a
-    typed, retryable error within seconds instead of waiting for its deadline."""
-    options = ChatOptions(gen_scale_factor=1e5, max_new_tokens=1, num_inference_steps=200, preview_every=1, seed=1)
+@pytest.fixture(scope="module")
+def own_server(tiny_dir):
+    """A server of its own for the faults that take the orchestrator down (the session server must keep serving)."""
     with TritonServer(tiny_dir, parameters={"gill": {"heartbeat_s": "1"}}, stall_s=30) as server:
-        seen = []
-        with GillClient(server.endpoints.grpc, idle_timeout=4) as client:
-            with pytest.raises(Unavailable) as raised:
-                for event in client.chat(PROMPT_GEN, options):
-                    seen.append(type(event).__name__)
-                    if seen.count("Preview") == 1:
-                        _kill_stub(server, "gill")
-                        killed = time.monotonic()
-        assert "Done" not in seen and time.monotonic() - killed < 15, (seen, raised.value)
-        if server.process.poll() is not None:  # Triton aborted: `gill serve` exits non-zero with the log
-            assert "lock_exception" in server.log_path.read_text() or server.process.returncode != 0
-            return
+        yield server
+
+
+LONG_IMAGE = ChatOptions(gen_scale_factor=1e5, max_new_tokens=1, num_inference_steps=200, preview_every=1, seed=1)
+
+
+def test_the_orchestrator_killed_mid_turn_fails_the_turn_fast(own_server):
+    """Triton 2.51 either leaves the dead stub's stream open (the client's idle timeout ends the turn, the watchdog
+    reloads ``gill``) or aborts altogether (boost::interprocess::lock_exception in the Python backend when the stub
+    died holding a shared-memory lock; measured). Either way the client gets a typed, retryable error within
+    seconds instead of waiting for its deadline."""
+    server = own_server
+    before = len(server.watchdog.recoveries)
+    seen = []
+    with GillClient(server.endpoints.grpc, idle_timeout=4) as client:
+        with pytest.raises(Unavailable) as raised:
+            for event in client.chat(PROMPT_GEN, LONG_IMAGE):
+                seen.append(type(event).__name__)
+                if seen.count("Preview") == 1:
+                    _kill_stub(server, "gill")
+                    killed = time.monotonic()
+    assert "Done" not in seen and time.monotonic() - killed < 15, (seen, raised.value)
+    if server.process.poll() is not None:  # Triton aborted: `gill serve` exits non-zero with the log
+        assert "lock_exception" in server.log_path.read_text() or server.process.returncode != 0
+        return
+    assert "no response from the server for 4 s" in str(raised.value)
+    _wait(lambda: any(r.model == "gill" and r.finished for r in server.watchdog.recoveries[before:]), 180,
+          "the watchdog reloads gill")
+    assert kinds(events(server, request(user("hello"), **CHEAP)))[-1] == "done"
+    # The diffusion loop was sending a preview to the dead stub: Triton 2.51 never returns from that send, and
+    # the loop stops with it. The watchdog finds the model busy without a step for stall_s and reloads it; a
+    # turn caught waiting on it loses its heartbeats once that stub is dead, so the client's idle timeout ends
+    # it (Unavailable) instead of its deadline, and it is retried.
+    asked = time.time()
+    reply, lost = _image_turn_retrying(server, within=150)
+    assert reply.images, (reply, lost)
+    stuck = [r for r in server.watchdog.recoveries[before:] if r.reason == "stuck"]
+    assert [r.model for r in stuck] == ["diffusion"] and stuck[0].ok, server.watchdog.recoveries
+    assert all("not ready" in error or "no response from the server for 10 s" in error for error in lost), lost
+    if asked < stuck[0].started:  # the turn reached the stuck loop (the usual case: stall_s outlasts gill's reload)
+        assert lost and "no response from the server for 10 s" in lost[0], lost
+
+
+def test_a_frozen_orchestrator_is_reloaded(own_server):
+    """A ``gill`` stub that stops without dying: Triton 2.51's BLS response iterator can deadlock it (every Python
+    thread then waits, the heartbeats' too; docs/reliability.md), here SIGSTOP. Its progress file shows it busy
+    with nothing sent for ``stall_s``: the watchdog kills it and reloads ``gill``, and turns work again."""
+    server = own_server
+    if server.process.poll() is not None:  # Triton aborted in the test before (as gill serve would, start it again)
+        server.restart(timeout=240)
+    _wait(lambda: _serves(server), 240, "the server serves")
+    before = len(server.watchdog.recoveries)
+    frozen = None
+    with GillClient(server.endpoints.grpc, idle_timeout=4) as client:
+        with pytest.raises(Unavailable) as raised:
+            for event in client.chat(PROMPT_GEN, LONG_IMAGE):
+                if type(event).__name__ == "Preview" and frozen is None:
+                    [stub] = _stubs(server, "gill")
+                    stub.suspend()
+                    frozen = time.time()
         assert "no response from the server for 4 s" in str(raised.value)
-        _wait(lambda: any(r.model == "gill" and r.finished for r in server.watchdog.recoveries), 180,
-              "the watchdog reloads gill")
-        assert kinds(events(server, request(user("hello"), **CHEAP)))[-1] == "done"
-        # The diffusion loop was sending a preview to the dead stub: Triton 2.51 never returns from that send, and
-        # the loop stops with it. The watchdog finds the model busy without a step for stall_s and reloads it; a
-        # turn caught waiting on it loses its heartbeats once that stub is dead, so the client's idle timeout ends
-        # it (Unavailable) instead of its deadline, and it is retried.
-        asked = time.time()
-        reply, lost = _image_turn_retrying(server, within=150)
-        assert reply.images, (reply, lost)
-        stuck = [r for r in server.watchdog.recoveries if r.reason == "stuck"]
-        assert [r.model for r in stuck] == ["diffusion"] and stuck[0].ok, server.watchdog.recoveries
-        assert all("not ready" in error or "no response from the server for 10 s" in error for error in lost), lost
-        if asked < stuck[0].started:  # the turn reached the stuck loop (the usual case: stall_s outlasts gill's reload)
-            assert lost and "no response from the server for 10 s" in lost[0], lost
+        # Triton finds the frozen stub unhealthy: a new turn is refused at once, retryable.
+        with pytest.raises(Unavailable, match="is not healthy"):
+            client.chat(PROMPT_GEN, LONG_IMAGE, timeout=60).collect()
+    _wait(lambda: any(r.model == "gill" and r.finished for r in server.watchdog.recoveries[before:]), 180,
+          "the watchdog reloads the frozen gill")
+    [reload] = [r for r in server.watchdog.recoveries[before:] if r.model == "gill"]
+    assert reload.reason == "stuck" and reload.dead_pids == (stub.pid,) and reload.ok, server.watchdog.recoveries
+    assert reload.started - frozen >= server.stall_s - 2  # busy, nothing sent: not before the stall timeout
+    reply, lost = _image_turn_retrying(server, within=150)
+    assert reply.images, (reply, lost)
 
 
 def _image_turn_retrying(server, within: float):

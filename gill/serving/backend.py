@@ -18,6 +18,7 @@ import torch.utils.dlpack
 import triton_python_backend_utils as pb_utils
 
 from gill.errors import GillError, InputError
+from gill.serving.progress import Progress
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 INPUT_ERROR_PREFIX = "InputError: "
@@ -243,10 +244,12 @@ class Heartbeats:
 
     Turns are known by their response sender: ``send(sender, response)`` serialises a turn's sends with its
     heartbeats; ``end(sender)`` before FINAL. A turn begun with ``alive`` gets no more heartbeats once ``alive()``
-    is false (a stub it may be waiting on died), so that its client's idle timeout ends it."""
+    is false (a stub it may be waiting on died), so that its client's idle timeout ends it. Every response sent,
+    heartbeats included, is a step of ``progress`` when given."""
 
-    def __init__(self, interval: float) -> None:
+    def __init__(self, interval: float, progress: Progress | None = None) -> None:
         self.interval = interval
+        self.progress = progress
         self._turns: dict[object, list] = {}  # sender -> [lock, time of the last send]
         self._lock = threading.Lock()
         if interval > 0:
@@ -264,6 +267,8 @@ class Heartbeats:
         with entry[0]:
             sender.send(response)
             entry[1] = time.monotonic()
+        if self.progress is not None:
+            self.progress.step()
 
     def end(self, sender) -> None:
         with self._lock:
@@ -286,5 +291,7 @@ class Heartbeats:
                         try:
                             sender.send(pb_utils.InferenceResponse(output_tensors=[]))
                             entry[1] = time.monotonic()
+                            if self.progress is not None:
+                                self.progress.step()
                         except Exception:  # the client is gone; the turn notices through is_cancelled
                             pass

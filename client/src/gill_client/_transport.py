@@ -153,6 +153,9 @@ def chat_event(response: Any, request_id: str) -> tuple[pb.ChatEvent | None, boo
 def _triton_error(message: str, request_id: str | None) -> GillClientError:
     if "unknown model" in message or "is not found" in message:
         return NotFound(f"{message} (is this a GILL server? the dialogue model is 'gill')", request_id)
+    if "is not healthy" in message:  # the model's backend process died or hangs; gill serve reloads it
+        return Unavailable(f"{message} (the server reloads a model whose process died; retry in a few seconds)",
+                           request_id)
     return Internal(message, request_id)
 
 

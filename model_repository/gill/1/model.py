@@ -27,7 +27,10 @@ class TritonPythonModel:
         self.progress_dir = params.get("progress_dir")
         self.interval = float(params.get("stream_interval_ms", "50")) / 1000
         # A turn that sent nothing for this long gets an empty response: clients tell a slow turn from a lost one.
-        self.heartbeats = backend.Heartbeats(float(params.get("heartbeat_s", "5")))
+        heartbeat_s = float(params.get("heartbeat_s", "5"))
+        # Busy while turns are in flight, a step per response sent: a stub that stops sending (frozen) is reloaded.
+        self.progress = progress.Progress(params.get("progress_file") if heartbeat_s > 0 else None)
+        self.heartbeats = backend.Heartbeats(heartbeat_s, self.progress)
         self.turns = backend.Counter("gill_turns_total", "Dialogue turns by outcome")
         self.images = backend.Counter("gill_images_total", "Images shown, by source")
         self.stage_seconds = backend.Counter("gill_stage_seconds_total", "Seconds spent per stage")
@@ -42,10 +45,13 @@ class TritonPythonModel:
         # A turn whose llm or diffusion stub dies meanwhile may be waiting on a stream that never ends (Triton 2.51):
         # its heartbeats stop, and the client's idle timeout ends it (retryable) instead of its deadline.
         self.heartbeats.begin(sender, progress.stubs_alive(self.progress_dir, ("llm", "diffusion")))
+        self.progress.begin()
+        self.progress.step()  # a turn accepted is a sign of life: a stub frozen solid takes none
         try:
             self._turn(request, sender)
         finally:
             self.heartbeats.end(sender)  # before serve_in_thread sends FINAL
+            self.progress.end()
 
     def _send(self, sender, event) -> None:
         data = event.SerializeToString()
