@@ -144,12 +144,17 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--checkpoint", help="a checkpoint directory (default: the small preset)")
     parser.add_argument("--max-batch", default="8", help="the llm model's max_batch (its config's default is 1)")
+    parser.add_argument("--transport", choices=("bls", "grpc"),
+                        help="how the gill model calls the other models (default: its config's)")
     parser.add_argument("--write", action="store_true", help="record the result in docs/benchmarks.md")
     args = parser.parse_args()
 
     options = ChatOptions(max_new_tokens=args.new_tokens, temperature=0.0, max_images=0)
     checkpoint = args.checkpoint or small_checkpoint()
-    server = TritonServer(checkpoint, parameters={"llm": {"max_batch": args.max_batch}})
+    parameters = {"llm": {"max_batch": args.max_batch}}
+    if args.transport:
+        parameters["gill"] = {"transport": args.transport}
+    server = TritonServer(checkpoint, parameters=parameters)
     rows = []
     try:
         print("starting tritonserver (all models)", flush=True)

@@ -137,11 +137,12 @@ def _ask(conversation, parts: list, options: ChatOptions, index: int, turn: int,
             time.sleep(1.0)
 
 
-def run_soak(url: str, server_pid: int, clients: int, seconds: float, api_key: str | None = None) -> SoakReport:
+def run_soak(url: str, server_pid: int, clients: int, seconds: float, api_key: str | None = None,
+             turn_timeout: float = 300.0) -> SoakReport:
     """Warm up (one round per client), measure RSS, run ``clients`` dialogues for ``seconds``, measure again."""
     report = SoakReport(clients, seconds)
     lock = threading.Lock()
-    with GillClient(url, api_key=api_key, timeout=300) as client:
+    with GillClient(url, api_key=api_key, timeout=turn_timeout) as client:
         warmups = [threading.Thread(target=_client_loop, args=(client, i, threading.Event(), report, lock,
                                                                len(_TURNS))) for i in range(clients)]
         for thread in warmups:

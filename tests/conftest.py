@@ -100,6 +100,8 @@ def server(served_dir):
 
     parameters = SERVED_LIMITS.model_parameters()
     parameters["gill"]["heartbeat_s"] = "1"  # quiet turns get heartbeats within the tests' patience
+    if os.environ.get("GILL_TEST_TRANSPORT"):  # bls or grpc: run the served tests over the other transport too
+        parameters["gill"]["transport"] = os.environ["GILL_TEST_TRANSPORT"]
     # A stuck loop (tiny steps take milliseconds) is reloaded within the tests' patience.
     with TritonServer(served_dir, api_key=API_KEY, parameters=parameters, stall_s=20) as running:
         yield running

@@ -19,8 +19,7 @@ def _text(stream) -> str:
 
 @pytest.fixture(scope="module")
 def server(served_dir):
-    """A server of its own with batching on: the session server keeps the llm's default, max_batch 1 (see
-    model_repository/llm/config.pbtxt for why)."""
+    """A server of its own with batching on whatever the llm's default (model_repository/llm/config.pbtxt)."""
     from gill.serving.server import TritonServer
 
     with TritonServer(served_dir, api_key=API_KEY, parameters={"llm": {"max_batch": "8"}}) as running:

@@ -19,9 +19,9 @@ import triton_python_backend_utils as pb_utils
 
 from gill.errors import GillError, InputError
 from gill.serving.progress import Progress
+from gill.serving.transport import INPUT_ERROR_PREFIX
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-INPUT_ERROR_PREFIX = "InputError: "
 
 
 def parameters(args: dict) -> dict[str, str]:

@@ -191,8 +191,12 @@ def prepare_repository(target: Path, checkpoint: Path, models: tuple[str, ...] =
     return target
 
 
-def _environment() -> dict[str, str]:
+def _environment(api_key: str | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    # The gill model's gRPC transport calls this server with its key (model_repository/gill/config.pbtxt).
+    env.pop("GILL_API_KEY", None)
+    if api_key is not None:
+        env["GILL_API_KEY"] = api_key
     libs = _pytriton_dir().parent.parent / "nvidia_pytriton.libs"
     env["LD_LIBRARY_PATH"] = os.pathsep.join(
         p for p in (sysconfig.get_config_var("LIBDIR"), str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
@@ -288,7 +292,7 @@ class TritonServer:
 
             verify_checkpoint(self.checkpoint)
         prepare_backend(self.work_dir / "backends")
-        prepare_repository(self.work_dir / "models", self.checkpoint, self.models, parameters=self.parameters,
+        prepare_repository(self.work_dir / "models", self.checkpoint, self.models, parameters=self.model_parameters(),
                            progress_dir=self.work_dir / "progress")
         self._launch()
         self._wait_ready(timeout)
@@ -316,8 +320,8 @@ class TritonServer:
 
     def _launch(self) -> None:
         log = open(self.log_path, "wb")
-        self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=_environment(),
-                                        start_new_session=True)
+        self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                        env=_environment(self.api_key), start_new_session=True)
         log.close()
 
     def _wait_ready(self, timeout: float) -> None:
@@ -350,6 +354,20 @@ class TritonServer:
                 time.sleep(0.1)
         for region in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
             region.unlink(missing_ok=True)
+
+    def model_parameters(self) -> dict[str, dict[str, str]]:
+        """The parameters written into the models' configs: this server's gRPC endpoint on loopback for the
+        ``gill`` model's gRPC transport (and its certificate under TLS), then the caller's ``parameters``, which
+        win (``--parameter gill.transport=grpc`` chooses the gRPC transport, for example)."""
+        if "gill" not in self.models:
+            return self.parameters
+        host = self.endpoints.host
+        loopback = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(host, host)
+        if ":" in loopback and not loopback.startswith("["):
+            loopback = f"[{loopback}]"
+        own = {"grpc_url": f"{loopback}:{self.endpoints.grpc_port}",
+               "grpc_root_cert": str(self.tls[0]) if self.tls else ""}
+        return merge_parameters({"gill": own}, self.parameters)
 
     def _start_watchdog(self) -> None:
         if not self._watch or self.process is None:

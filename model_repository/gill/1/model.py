@@ -16,14 +16,15 @@ from gill.events import Done, ImageResult, TextDelta  # noqa: E402
 from gill.limits import Limits  # noqa: E402
 from gill.pipeline import Pipeline  # noqa: E402
 from gill.serving import backend, progress  # noqa: E402
-from gill.serving.remote import RemoteComponents, StageUnavailable  # noqa: E402
+from gill.serving.remote import RemoteComponents, StageUnavailable, transport_from_parameters  # noqa: E402
 
 
 class TritonPythonModel:
     def initialize(self, args):
         params = backend.parameters(args)
         self.limits = Limits.from_parameters(params)  # limit_* parameters; a bad one fails the model's load
-        self.pipeline = Pipeline(RemoteComponents(params["checkpoint"]))
+        # How the stages reach the other models: BLS, or this server's gRPC endpoint (parameters transport, grpc_url).
+        self.pipeline = Pipeline(RemoteComponents(params["checkpoint"], transport_from_parameters(params)))
         self.progress_dir = params.get("progress_dir")
         self.interval = float(params.get("stream_interval_ms", "50")) / 1000
         # A turn that sent nothing for this long gets an empty response: clients tell a slow turn from a lost one.
