@@ -128,10 +128,11 @@ class BlsTransport:
 
 
 def transport_from_parameters(params: dict[str, str]) -> Transport:
-    """The transport the ``gill`` model's parameters choose: ``transport`` (``bls`` or ``grpc``), and for
-    ``grpc`` the endpoint ``grpc_url`` and, when that endpoint is TLS, ``grpc_root_cert`` (`gill serve` sets
-    both); the API key comes from the environment variable ``GILL_API_KEY``."""
-    name = params.get("transport", "bls") or "bls"
+    """The transport the ``gill`` model's parameters choose: ``transport`` (``bls`` or ``grpc``; empty: ``grpc``
+    when ``grpc_url`` is set, as `gill serve` sets it, else ``bls``), and for ``grpc`` the endpoint ``grpc_url``
+    and, when that endpoint is TLS, ``grpc_root_cert`` (`gill serve` sets both); the API key comes from the
+    environment variable ``GILL_API_KEY``."""
+    name = params.get("transport") or ("grpc" if params.get("grpc_url") else "bls")
     if name == "bls":
         return BlsTransport()
     if name != "grpc":

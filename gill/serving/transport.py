@@ -158,8 +158,8 @@ class GrpcOutputs:
 
 class GrpcTransport:
     """Triton's gRPC endpoint at ``url`` (``host:port``; the server's own, on loopback). Requests to decoupled
-    models are one ``ModelStreamInfer`` call each, so cancelling the call cancels exactly that request: Triton
-    flags it cancelled and the model's ``request.is_cancelled()`` stops its decode or denoise loop. ``api_key``:
+    models are one ``ModelStreamInfer`` call each, stopped (when the turn is cancelled or stops reading) by a
+    ``CANCEL`` control request naming its id, as over BLS, never by cancelling the call. ``api_key``:
     the server's key (``gill serve --api-key``); ``root_certificates``: a PEM file to trust when the endpoint is
     TLS (the server's own certificate, which must then be valid for the host of ``url``)."""
 
@@ -189,22 +189,43 @@ class GrpcTransport:
 
     def stream(self, model: str, inputs: Inputs, outputs: list[str],
                cancel: Callable[[], bool] | None) -> Iterator[GrpcOutputs]:
-        request = infer_request(model, inputs, outputs, f"{model}-{uuid.uuid4().hex}")
+        request_id = f"{model}-{uuid.uuid4().hex}"
         # One request, then the client half of the stream closes: Triton ends the call after the final response.
-        call = self._stub.ModelStreamInfer(iter((request,)), metadata=self._metadata)
+        call = self._stub.ModelStreamInfer(iter((infer_request(model, inputs, outputs, request_id),)),
+                                           metadata=self._metadata)
+        finished = False
         try:
             for message in call:
                 if message.error_message:  # in-band, without a code; the model's last word
+                    finished = True
                     raise stage_error(model, message.error_message)
                 response = GrpcOutputs(message.infer_response)
                 if response:
                     yield response
                 if cancel is not None and cancel():
-                    return
+                    break
+            else:
+                finished = True
         except grpc.RpcError as error:
+            finished = True
             raise self._rpc_error(model, error) from None
         finally:
-            call.cancel()  # stops the model's work when the call has not ended by itself; else a no-op
+            if not finished:
+                # Never cancel the call itself: Triton 2.51's gRPC front end can crash when a cancellation races
+                # the request's last response (fixed in 2.53, server PR 7840). Ask the model to stop, as BLS
+                # does, and read the call to its end.
+                self._cancel(model, request_id)
+                for _ in call:
+                    pass
+
+    def _cancel(self, model: str, request_id: str) -> None:
+        """A ``CANCEL`` control request for ``request_id`` (gill.serving.backend.handle_control), read to its end."""
+        control = infer_request(model, {"CANCEL": np.array([request_id.encode()], dtype=np.object_)}, [])
+        try:
+            for _ in self._stub.ModelStreamInfer(iter((control,)), metadata=self._metadata):
+                pass
+        except grpc.RpcError:
+            pass  # the model is gone: nothing left to stop
 
     def _rpc_error(self, model: str, error: grpc.RpcError) -> GillError:
         code = error.code() if isinstance(error, grpc.Call) else None
