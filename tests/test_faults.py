@@ -179,8 +179,10 @@ def test_retrieval_down_generates_instead_with_a_notice(server):
 
 @pytest.fixture(scope="module")
 def own_server(tiny_dir):
-    """A server of its own for the faults that take the orchestrator down (the session server must keep serving)."""
-    with TritonServer(tiny_dir, parameters={"gill": {"heartbeat_s": "1"}}, stall_s=30) as server:
+    """A server of its own for the faults that take the orchestrator down (the session server must keep serving),
+    with the gill model on the BLS transport (what it uses under a plain tritonserver, without gill serve's gRPC
+    endpoint parameters), whose failure modes these tests pin down."""
+    with TritonServer(tiny_dir, parameters={"gill": {"heartbeat_s": "1", "transport": "bls"}}, stall_s=30) as server:
         yield server
 
 
