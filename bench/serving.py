@@ -96,6 +96,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64, help="max_new_tokens of the request")
     parser.add_argument("--repeats", type=int, default=5, help="measured turns each way, after 1 warm-up each")
     parser.add_argument("--prompt", default="show me a red circle on a blue background")
+    parser.add_argument("--transport", choices=("bls", "grpc"), default="grpc",
+                        help="how the gill model calls the other models (the recorded run: grpc)")
     parser.add_argument("--write", action="store_true", help="record the result in docs/benchmarks.md")
     args = parser.parse_args()
 
@@ -113,7 +115,7 @@ def main() -> None:
     local_warm = local_turn(pipeline, parts, options)  # warm-up: allocator, first-call costs
     print(f"in-process warm-up: {local_warm.generated_tokens} tokens in {local_warm.wall_s:.2f} s", flush=True)
 
-    server = TritonServer(checkpoint)
+    server = TritonServer(checkpoint, parameters={"gill": {"transport": args.transport}})
     served: list[Turn] = []
     local: list[Turn] = []
     try:
@@ -168,6 +170,7 @@ def main() -> None:
     met = "met" if rate_ratio >= TARGET else "not met"
     inner_ms = (served_pipe - local_pipe) / tokens * 1e3
     outer_s = served_wall - served_pipe
+    via = " and its gRPC endpoint on loopback" if args.transport == "grpc" else ""
     outer_ms = outer_s / tokens * 1e3
     lines = [
         f"<!-- {MARK} -->",
@@ -190,8 +193,8 @@ def main() -> None:
         f"time to the first text event as the caller sees it (above 1 means slower). Served times are taken "
         f"at the client, from sending the request (gRPC stream set-up included) to the `done` event. The "
         f"overhead is response IPC: tokens leave the `llm` stub as decoupled Python-backend responses (those "
-        f"sampled within 50 ms travel together), cross Triton's core and its gRPC endpoint on loopback into the "
-        f"`gill` orchestrator stub (the gRPC transport, `gill serve`'s default), and go back out as "
+        f"sampled within 50 ms travel together), cross Triton's core{via} into the "
+        f"`gill` orchestrator stub ({args.transport} transport), and go back out as "
         f"`ChatEvent`s on the gRPC stream (text within 50 ms as one delta); both "
         f"stubs compete with decoding for the same cores. Split by the pipeline's own clock (`Done` timings, "
         f"medians): the turn took {local_pipe:.2f} s in-process and {served_pipe:.2f} s inside the "

@@ -36,6 +36,12 @@ class TritonPythonModel:
         self.images = backend.Counter("gill_images_total", "Images shown, by source")
         self.stage_seconds = backend.Counter("gill_stage_seconds_total", "Seconds spent per stage")
 
+    def finalize(self):
+        # The gRPC transport's channel to this server: closed before the server shuts its endpoint down.
+        close = getattr(self.pipeline.components.transport, "close", None)
+        if close is not None:
+            close()
+
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
