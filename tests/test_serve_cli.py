@@ -58,10 +58,11 @@ def test_serve_with_key_and_tls_prints_endpoints_survives_a_server_crash_and_sto
         with GillClient(plain, api_key=key, retry=RetryPolicy(attempts=1)) as client, pytest.raises(Unavailable):
             client.chat("hi").collect()
         # tritonserver dies (as Triton 2.51 can under load): gill serve starts it again on the same ports, and a
-        # client that keeps retrying gets its turn.
+        # client that keeps retrying gets its turn. SIGKILL: Triton's own handler may outlive a SIGSEGV sent from
+        # outside (measured: the process went on serving), a real fault's is not simulated that way.
         triton = [child for child in psutil.Process(process.pid).children() if child.name() == "tritonserver"]
         assert len(triton) == 1
-        triton[0].send_signal(signal.SIGSEGV)
+        triton[0].send_signal(signal.SIGKILL)
         patient = RetryPolicy(attempts=60, initial_backoff_s=1, max_backoff_s=5)
         with GillClient(lines["gRPC"], api_key=key, tls=TLS.from_files(ca=cert), retry=patient) as client:
             done = client.chat("hi", ChatOptions(max_new_tokens=2, max_images=0), timeout=300).collect().done
@@ -69,8 +70,7 @@ def test_serve_with_key_and_tls_prints_endpoints_survives_a_server_crash_and_sto
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0, process.stderr.read()
         log = process.stderr.read()
-        assert "tritonserver exited with code -11; restarting it on the same ports" in log
-        assert "Signal (11) received" in log, "the crash's own lines from Triton's log"
+        assert "tritonserver exited with code -9; restarting it on the same ports" in log
         assert "tritonserver restarted: every model ready again" in log
         # Triton and its model stubs are gone with it.
         time.sleep(1)

@@ -37,7 +37,8 @@ def test_a_crashed_server_is_restarted_until_the_policy_gives_up(tiny_dir):
         assert stubs and _regions(server), "the mapper stub runs and has its shared memory"
         dead_regions = set(_regions(server))
 
-        os.kill(first, signal.SIGSEGV)  # as Triton 2.51 dies under load
+        # Killed as Triton 2.51 can die under load (SIGKILL: Triton's handler may outlive a SIGSEGV sent from outside).
+        os.kill(first, signal.SIGKILL)
         deadline = time.monotonic() + 240
         # Restarted once the new process's watchdog runs: restart() starts it when every model is ready.
         while not (server.process.pid != first and server.watchdog is not None) and time.monotonic() < deadline:
@@ -46,7 +47,7 @@ def test_a_crashed_server_is_restarted_until_the_policy_gives_up(tiny_dir):
         assert _config(server) == 200, "the same HTTP port serves the models again"
         assert not [pid for pid in stubs if psutil.pid_exists(pid)], "the dead server's stubs were killed"
         assert _regions(server) and not dead_regions & set(_regions(server)), "its shared memory was removed"
-        assert "Signal (11)" in server.log_path.with_name("triton.log.1").read_text(), "its log was kept"
+        assert "Started Metrics Service" in server.log_path.with_name("triton.log.1").read_text(), "its log was kept"
 
         os.kill(server.process.pid, signal.SIGKILL)  # the second death within the window is final
         watcher.join(60)
