@@ -143,7 +143,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="turns per stream at each level")
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--checkpoint", help="a checkpoint directory (default: the small preset)")
-    parser.add_argument("--max-batch", default="8", help="the llm model's max_batch (its config's default is 1)")
+    parser.add_argument("--max-batch", default="8", help="the llm model's max_batch (its config's default is 8)")
     parser.add_argument("--transport", choices=("bls", "grpc"),
                         help="how the gill model calls the other models (default: its config's)")
     parser.add_argument("--write", action="store_true", help="record the result in docs/benchmarks.md")

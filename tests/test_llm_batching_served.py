@@ -1,12 +1,12 @@
-"""The served llm model decodes the turns in flight together (gill.batching), through the real server."""
+"""The served llm model decodes the turns in flight together (gill.batching), through the real server: the
+session server, with the llm's default max_batch (8: model_repository/llm/config.pbtxt)."""
 
 from __future__ import annotations
 
 import threading
 import time
 
-import pytest
-from wire import API_KEY, events, metric, request, user
+from wire import events, metric, request, user
 
 PROMPTS = ["tell me a long story", "what is this?", "describe the sea", "write a poem about cats"]
 
@@ -15,16 +15,6 @@ def _text(stream) -> str:
     done = [event.done for event in stream if event.WhichOneof("event") == "done"]
     assert len(done) == 1, stream
     return done[0].text
-
-
-@pytest.fixture(scope="module")
-def server(served_dir):
-    """A server of its own with batching on: the session server keeps the llm's default, max_batch 1 (see
-    model_repository/llm/config.pbtxt for why)."""
-    from gill.serving.server import TritonServer
-
-    with TritonServer(served_dir, api_key=API_KEY, parameters={"llm": {"max_batch": "8"}}) as running:
-        yield running
 
 
 def test_concurrent_turns_share_decode_steps_and_equal_their_turns_alone(server):

@@ -358,7 +358,7 @@ class TritonServer:
     def model_parameters(self) -> dict[str, dict[str, str]]:
         """The parameters written into the models' configs: this server's gRPC endpoint on loopback for the
         ``gill`` model's gRPC transport (and its certificate under TLS), then the caller's ``parameters``, which
-        win (``--parameter gill.transport=grpc`` chooses the gRPC transport, for example)."""
+        win (``--parameter gill.transport=bls`` chooses the BLS transport, for example)."""
         if "gill" not in self.models:
             return self.parameters
         host = self.endpoints.host
