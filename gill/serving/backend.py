@@ -245,11 +245,11 @@ class Heartbeats:
     Turns are known by their response sender: ``send(sender, response)`` serialises a turn's sends with its
     heartbeats; ``end(sender)`` before FINAL. A turn begun with ``alive`` gets no more heartbeats once ``alive()``
     is false (a stub it may be waiting on died), so that its client's idle timeout ends it. Every response sent,
-    heartbeats included, is a step of ``progress`` when given."""
+    heartbeats included, is a step of ``progress`` (by default one with no file: nothing kept)."""
 
     def __init__(self, interval: float, progress: Progress | None = None) -> None:
         self.interval = interval
-        self.progress = progress
+        self.progress = progress or Progress(None)
         self._turns: dict[object, list] = {}  # sender -> [lock, time of the last send]
         self._lock = threading.Lock()
         if interval > 0:
@@ -267,8 +267,7 @@ class Heartbeats:
         with entry[0]:
             sender.send(response)
             entry[1] = time.monotonic()
-        if self.progress is not None:
-            self.progress.step()
+        self.progress.step()
 
     def end(self, sender) -> None:
         with self._lock:
@@ -291,7 +290,6 @@ class Heartbeats:
                         try:
                             sender.send(pb_utils.InferenceResponse(output_tensors=[]))
                             entry[1] = time.monotonic()
-                            if self.progress is not None:
-                                self.progress.step()
+                            self.progress.step()
                         except Exception:  # the client is gone; the turn notices through is_cancelled
                             pass
