@@ -30,6 +30,7 @@ from gill.model import Decision
 from gill.options import GenerationOptions
 from gill.retrieval import RETRIEVAL_CANDIDATES, Hit, RetrievalFailed, RetrievalUnavailable
 from gill.serving import backend
+from gill.serving.server import API_KEY_ENV
 from gill.serving.transport import (  # noqa: F401  (StageError, StageUnavailable: the errors this module raises)
     GrpcTransport,
     Inputs,
@@ -43,7 +44,6 @@ from gill.tokens import load_tokenizer
 
 CLIP_MAX_BATCH = 8  # model_repository/clip/config.pbtxt max_batch_size
 TRANSPORTS = ("bls", "grpc")
-API_KEY_ENV = "GILL_API_KEY"  # the server's API key, for calls over its gRPC endpoint (gill serve sets it)
 
 
 class BlsOutputs:
@@ -85,6 +85,9 @@ class BlsTransport:
     decoupled models get their own ids so that a ``CANCEL`` control request can stop the ``llm`` or
     ``diffusion`` work behind them: the response iterator of Triton 2.51 has no ``cancel()``, and leaving its
     loop would let the model run on."""
+
+    def close(self) -> None:
+        pass  # BLS calls hold nothing between requests
 
     def infer(self, model: str, inputs: Inputs, outputs: list[str]) -> BlsOutputs:
         response = pb_utils.InferenceRequest(model_name=model, inputs=_bls_inputs(inputs),
@@ -238,8 +241,7 @@ class RemoteComponents:
         }
         image = None
         # Read to the end of the stream (the final flag follows the IMAGE response): leaving the loop at the image
-        # would abandon the request, and the transport would cancel it (a CANCEL over BLS, a cancelled call over
-        # gRPC) for every image.
+        # would abandon the request, and the transport would send a CANCEL control request for every image.
         for response in self.transport.stream("diffusion", inputs, ["IMAGE", "PREVIEW", "STEP", "TOTAL_STEPS"],
                                                cancel):
             data = response.array("IMAGE")

@@ -33,6 +33,9 @@ from gill.errors import GillError
 from gill.serving.progress import DEFAULT_STALL_S
 from gill.serving.watchdog import StubWatchdog, http_control
 
+# The environment variable that hands the server's API key to its stubs (for the gill model's gRPC transport).
+API_KEY_ENV = "GILL_API_KEY"
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 MODEL_REPOSITORY = PROJECT_ROOT / "model_repository"
 # The dialogue model needs every other one; the ensemble is for Triton's own tools.
@@ -194,9 +197,9 @@ def prepare_repository(target: Path, checkpoint: Path, models: tuple[str, ...] =
 def _environment(api_key: str | None = None) -> dict[str, str]:
     env = dict(os.environ)
     # The gill model's gRPC transport calls this server with its key (model_repository/gill/config.pbtxt).
-    env.pop("GILL_API_KEY", None)
+    env.pop(API_KEY_ENV, None)
     if api_key is not None:
-        env["GILL_API_KEY"] = api_key
+        env[API_KEY_ENV] = api_key
     libs = _pytriton_dir().parent.parent / "nvidia_pytriton.libs"
     env["LD_LIBRARY_PATH"] = os.pathsep.join(
         p for p in (sysconfig.get_config_var("LIBDIR"), str(libs), env.get("LD_LIBRARY_PATH", "")) if p)

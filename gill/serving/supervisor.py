@@ -47,7 +47,6 @@ def supervise(server: TritonServer, policy: RestartPolicy = RestartPolicy()) -> 
         now = time.monotonic()
         while recent and now - recent[0] > policy.window_s:
             recent.popleft()
-        excerpt = server.log_excerpt()
         if len(recent) >= policy.restarts:
             log.error("tritonserver exited with code %s; not restarting it (%d restart(s) in the last %.0f s, "
                       "at most %d allowed)", code, len(recent), policy.window_s, policy.restarts)
@@ -55,7 +54,7 @@ def supervise(server: TritonServer, policy: RestartPolicy = RestartPolicy()) -> 
         recent.append(now)
         log.warning("tritonserver exited with code %s; restarting it on the same ports (restart %d of at most %d "
                     "in %.0f s). The end of its log:\n%s", code, len(recent), policy.restarts, policy.window_s,
-                    excerpt)
+                    server.log_excerpt())
         started = time.monotonic()
         try:
             server.restart(policy.ready_timeout_s)

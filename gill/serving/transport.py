@@ -88,6 +88,9 @@ class Transport(Protocol):
         """The responses (those with outputs) of one request to a decoupled model. Once ``cancel()`` turns true
         (asked after each response), or the caller stops reading, the model is told to stop."""
 
+    def close(self) -> None:
+        """Release what the transport holds (the ``gill`` model calls it when it is unloaded)."""
+
 
 def host_array(value: Value) -> np.ndarray:
     """``value`` as a C-contiguous host array: a floating torch tensor becomes float32, the TYPE_FP32 of every

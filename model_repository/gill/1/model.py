@@ -38,9 +38,7 @@ class TritonPythonModel:
 
     def finalize(self):
         # The gRPC transport's channel to this server: closed before the server shuts its endpoint down.
-        close = getattr(self.pipeline.components.transport, "close", None)
-        if close is not None:
-            close()
+        self.pipeline.components.transport.close()
 
     def execute(self, requests):
         for request in requests:
